@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine:
+#   make run    the main job: the quickstart notebook (QM9, sum vs WA vs ABP, attention next to orbitals)
+#   make test   the test suite (pytest + nbval on the notebooks in smoke mode)
+# Both create .venv and install into it first (idempotent: re-runs only when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.abp-installed
+OUT    ?= outputs
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install run test lab clean
+
+install: $(STAMP)
+
+# torch==2.13.0 goes in first (a CPU wheel lies on disk); constraints.txt then stops any
+# dependency from pulling a newer, multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -c constraints.txt -e ".[dev]"
+	$(BIN)/python -c "import abp_core.models, torch; print('abp installed; torch', torch.__version__)"
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p $(OUT)
+	$(BIN)/papermill notebooks/00_quickstart.ipynb $(OUT)/00_quickstart.ipynb --log-output -p output_dir $(OUT)/quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/00_quickstart.ipynb
+
+clean:
+	rm -rf $(VENV) $(OUT) runs .pytest_cache

@@ -1,0 +1,76 @@
+"""The three places that list dependencies (pyproject, environment.yml, binder/) agree."""
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH = "torch"  # pinned to 2.13.0 in the environment files, a range in pyproject (GPU users bring their own)
+
+
+def _reqs(lines):
+    out = {}
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        req = Requirement(line)
+        out[canonicalize_name(req.name)] = str(req.specifier)
+    return out
+
+
+def pyproject_reqs():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return _reqs(meta["dependencies"] + meta["optional-dependencies"]["dev"])
+
+
+def environment_reqs():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    reqs = _reqs(pip)
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    torch_pin = next(d for d in conda if re.match(r"(pytorch::)?pytorch=", d))
+    reqs[TORCH] = "==" + torch_pin.split("=", 1)[1]
+    assert any(d.startswith("python=3.11") for d in conda)
+    assert "-e ." in pip, "environment.yml's pip section must install the package itself"
+    return reqs
+
+
+def binder_reqs():
+    return _reqs((ROOT / "binder" / "requirements.txt").read_text().splitlines())
+
+
+def test_same_dependencies_everywhere():
+    py, env, binder = pyproject_reqs(), environment_reqs(), binder_reqs()
+    assert set(py) == set(env) == set(binder), (set(py) ^ set(env), set(py) ^ set(binder))
+    for name in py:
+        if name == TORCH:
+            continue
+        assert py[name] == env[name] == binder[name], name
+
+
+def test_torch_pin_is_the_local_wheel_and_within_range():
+    from packaging.specifiers import SpecifierSet
+    py, env, binder = pyproject_reqs(), environment_reqs(), binder_reqs()
+    assert env[TORCH] == binder[TORCH] == "==2.13.0"
+    assert "2.13.0" in SpecifierSet(py[TORCH])
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+
+
+def test_binder_files_parse():
+    assert (ROOT / "binder" / "runtime.txt").read_text().strip() == "python-3.11"
+    for script in ("postBuild", "start"):
+        text = (ROOT / "binder" / script).read_text()
+        assert text.startswith("#!/bin/bash")
+    assert 'exec "$@"' in (ROOT / "binder" / "start").read_text()
+    assert (ROOT / "notebooks" / "00_quickstart.ipynb").exists(), "Binder opens the quickstart notebook"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make run" in readme
+    assert ci.strip().splitlines()[-1] == "make test"
