@@ -99,8 +99,8 @@ def test_abp_weights_are_pma_attention():
     """ABP's atom weights are exactly the softmax(QK^T/sqrt(d)) of PMA seeds over the encoded atoms."""
     r = make("abp", heads=2, num_seeds=1)
     x, batch = features([6])
-    keys, mask = r._encode(x, batch, 1)
-    q, k, _ = r.pma.project(r.seeds, keys)
+    keys, _ = r._encode(x, batch, 1)
+    q, k, _ = r.pma.project(r.seeds, keys.unsqueeze(0))
     att = torch.softmax(q @ k.transpose(-1, -2) / (C // 2) ** 0.5, dim=-1)  # [1, heads, 1, 6]
     assert torch.allclose(r.atom_weights(x, batch), att.mean(dim=(1, 2))[0])
 
@@ -195,3 +195,23 @@ def test_reset_parameters_changes_weights():
 def test_wa_value_width():
     r = WeightedAveragePooling(8, out_channels=3)
     assert r(torch.randn(4, 8), torch.tensor([0, 0, 1, 1])).shape == (2, 3)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.1, 3.0, 100.0])
+def test_abp_bucketing_does_not_change_results(ratio):
+    """Size buckets are an implementation detail: any bucketing gives the same numbers."""
+    x, batch = features([1, 2, 3, 5, 8, 13, 21, 4, 4, 4], seed=4)
+    r = make("abp")
+    want = r(x, batch)
+    r.bucket_ratio = ratio
+    assert torch.allclose(r(x, batch), want, atol=1e-12)
+    assert torch.allclose(r.atom_weights(x, batch), make("abp").atom_weights(x, batch), atol=1e-12)
+
+
+def test_abp_empty_molecule_slot():
+    """dim_size larger than the molecules present (a PyG call with an empty group) still works."""
+    r = make("abp")
+    x, batch = features([3])
+    out = r(x, batch + 1, dim_size=3)
+    assert out.shape == (3, r.out_channels) and torch.isfinite(out).all()
+    assert torch.allclose(out[1], r(x, batch)[0], atol=1e-12)
