@@ -659,8 +659,9 @@ def scatter_attention_vs_coefficients(records: Any, *, title: Optional[str] = No
                              line=dict(color="#777", dash="dash", width=1), hoverinfo="skip"))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white",
                       legend_title_text="element", width=620, height=520)
-    fig.update_xaxes(range=[0, top])
-    fig.update_yaxes(range=[0, top], scaleanchor="x", scaleratio=1)
+    lo = -0.02 * top  # a little room so points at 0 are not cut by the axes
+    fig.update_xaxes(range=[lo, top], constrain="domain")
+    fig.update_yaxes(range=[lo, top], scaleanchor="x", scaleratio=1, constrain="domain")
     return fig
 
 
@@ -724,7 +725,9 @@ def mae_bar_chart(results: Any, *, x: str = "readout", y: str = "mae", error: Op
 
     ``results`` is a DataFrame with columns ``x`` and ``y`` (and ``error``, e.g. a std or CI
     half-width, and ``color``, e.g. the backbone or target: one trace per group), or a dict
-    ``{readout: mae}`` / ``{readout: (mae, error)}``.
+    ``{readout: mae}`` / ``{readout: (mae, error)}``. A summary from
+    :func:`abp_core.stats.summarize` works as is: without a ``mae`` column, ``mae_mean`` is
+    plotted with ``mae_std`` as error bars.
     """
     if isinstance(results, Mapping):
         rows = []
@@ -740,6 +743,10 @@ def mae_bar_chart(results: Any, *, x: str = "readout", y: str = "mae", error: Op
         df = results
     else:
         raise TypeError("results must be a DataFrame or a dict {readout: mae or (mae, error)}")
+    if y not in df.columns and f"{y}_mean" in df.columns:   # abp_core.stats.summarize layout
+        if error is None and f"{y}_std" in df.columns:
+            error = f"{y}_std"
+        y = f"{y}_mean"
     for col in [x, y] + [c for c in (error, color) if c]:
         if col not in df.columns:
             raise ValueError(f"results lack the column {col!r}: {list(df.columns)}")

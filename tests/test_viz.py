@@ -303,6 +303,10 @@ def test_mae_bar_chart():
     assert len(fig.data) == 2 and list(fig.data[0].error_y.array) == [0.01, 0.01]
     with pytest.raises(ValueError):
         viz.mae_bar_chart(res, y="rmse")
+    summary = pd.DataFrame({"backbone": ["schnet"] * 3, "readout": ["sum", "wa", "abp"],
+                            "mae_mean": [0.1, 0.09, 0.08], "mae_std": [0.01, np.nan, 0.02]})
+    fig = viz.mae_bar_chart(summary, color="backbone")          # abp_core.stats.summarize layout
+    assert list(fig.data[0].y) == [0.1, 0.09, 0.08] and fig.data[0].error_y.array[2] == 0.02
 
 
 def test_save_figure_html_and_png_skip(tmp_path, monkeypatch, caplog):
