@@ -8,7 +8,8 @@ are verified instead).
 ``qm8.sdf.csv`` has a header ``gdb9_index,E1-CC2,E2-CC2,f1-CC2,f2-CC2,E1-PBE0,E2-PBE0,f1-PBE0,f2-PBE0,
 E1-PBE0,E2-PBE0,f1-PBE0,f2-PBE0,E1-CAM,E2-CAM,f1-CAM,f2-CAM``: the PBE0 block appears twice (def2SVP, then
 def2TZVP), so columns are read by position, never by name. Row *i* of the CSV belongs to record *i* of
-the SDF (same count; when a record's title is ``gdb_<n>`` it must equal ``gdb9_index``).
+the SDF (same count is required; when records are titled ``gdb_<n>`` and some titles equal the CSV's
+``gdb9_index`` while others do not, the files are misaligned and rejected).
 
 Targets (paper naming): ``E1/E2/f1/f2`` at RI-CC2/def2TZVP (``-CC2``), LR-TDPBE0/def2SVP
 (``-PBE0/def2SVP``), LR-TDPBE0/def2TZVP (``-PBE0/def2TZVP``) and LR-TD-CAM-B3LYP/def2TZVP (``-CAM``).
@@ -123,6 +124,7 @@ class QM8(MolecularDataset):
         try:
             supplier = Chem.SDMolSupplier(str(sdf), removeHs=False, sanitize=False)
             n_records = 0
+            titled, mismatched = 0, []
             for i, mol in enumerate(supplier):
                 n_records += 1
                 if i >= len(gdb_index):
@@ -133,8 +135,10 @@ class QM8(MolecularDataset):
                     continue
                 title = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""
                 m = _TITLE.match(title)
-                if m and int(m.group(1)) != gdb_index[i]:
-                    raise DataFormatError(f"{sdf}: record {i} is {title} but CSV row {i} is gdb_{gdb_index[i]}")
+                if m:
+                    titled += 1
+                    if int(m.group(1)) != gdb_index[i]:
+                        mismatched.append(f"record {i} is {title} but CSV row {i} is gdb_{gdb_index[i]}")
                 if mol.GetNumConformers() == 0:
                     raise DataFormatError(f"{sdf}: record {i} ({mol_id}) has no coordinates")
                 z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
@@ -146,6 +150,11 @@ class QM8(MolecularDataset):
             del block
         if n_records != len(gdb_index):
             raise DataFormatError(f"qm8: {sdf.name} holds {n_records} records but {csv.name} {len(gdb_index)} rows")
+        if mismatched and len(mismatched) < titled:  # some titles agree, others not: rows are misaligned
+            raise DataFormatError(f"qm8: {sdf.name} and {csv.name} are misaligned ({len(mismatched)} of "
+                                  f"{titled} titled records disagree), e.g. {mismatched[0]}")
+        if mismatched:
+            logger.info("qm8: SDF titles gdb_<n> use a numbering other than gdb9_index; rows matched by position")
         skips.report(len(builder))
         data, slices = builder.build(len(TARGET_NAMES))
         meta = {"target_names": TARGET_NAMES, "target_units": TARGET_UNITS, "target_aliases": TARGET_ALIASES,

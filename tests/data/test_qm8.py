@@ -120,3 +120,12 @@ def test_wrong_header_is_an_error(tmp_path, patch_qm8_registry):
     patch_qm8_registry(info)
     with pytest.raises(DataFormatError, match="gdb9_index"):
         QM8(root=tmp_path, download=False)
+
+
+def test_misaligned_titles_are_rejected(tmp_path, patch_qm8_registry):
+    rows = fx.qm8_rows()
+    swapped = dict(zip([1, 3, 21, 132, 57], rows.values()))  # CSV rows 3 and 4 swapped relative to the SDF
+    info = fx.write_qm8(tmp_path / "qm8", rows=swapped)
+    patch_qm8_registry(info)
+    with pytest.raises(DataFormatError, match="misaligned.*gdb_57 but CSV row 3 is gdb_132"):
+        QM8(root=tmp_path, download=False)

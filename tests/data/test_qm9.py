@@ -98,3 +98,11 @@ def test_qm9_target_aliases(qm9_session):
     assert ds.target_names[:12] == ["mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H", "G", "Cv"]
     with pytest.raises(ValueError):
         QM9(max_molecules=0)
+
+
+def test_single_molecule_dataset_keeps_per_molecule_shapes(tmp_path):
+    ds = QM9(root=tmp_path, max_molecules=1)
+    assert len(ds) == 1
+    d = ds[0]
+    assert d.idx.dim() == 0 and d.z.tolist() == [6, 1, 1, 1, 1] and d.y.shape == (1, 21)
+    assert d.name == "dsgdb9nsd_000001"
