@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .common import (DataFormatError, DataNotFoundError, MissingTargetError, MolecularDataset, RemoteFile,
+from .common import (DataFormatError, MissingTargetError, MolecularDataset, RemoteFile,
                      SkipLog, StorageBuilder, TooFewAtomsError, data_root, ensure_file, symbols_to_z,
                      validate_molecule)
 

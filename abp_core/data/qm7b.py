@@ -26,8 +26,6 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 from .common import (BOHR_TO_ANGSTROM, DataFormatError, MolecularDataset, RemoteFile, StorageBuilder,

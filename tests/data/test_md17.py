@@ -7,7 +7,6 @@ import torch
 
 import abp_data_fixtures as fx
 from abp_core.data import DataFormatError, DataNotFoundError, UnitError, UnknownElementError, get_dataset
-from abp_core.data import md17
 from abp_core.data.md17 import MD17, resolve_molecule
 
 
