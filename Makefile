@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.abp-installed
 OUT    ?= outputs
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test lab clean
+.PHONY: install run test lab clean browser-deps
 
 install: $(STAMP)
 
@@ -27,11 +27,16 @@ run: $(STAMP)
 	mkdir -p $(OUT)
 	$(BIN)/papermill notebooks/00_quickstart.ipynb $(OUT)/00_quickstart.ipynb --log-output -p output_dir $(OUT)/quickstart
 
-test: $(STAMP)
+# headless Chromium (apt-get, as root) + a local 3Dmol.js (npm 3dmol, git-ignored .cache/3dmol)
+# for the real-browser test of the exported 3D views; idempotent.
+browser-deps:
+	bash scripts/browser_deps.sh
+
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/00_quickstart.ipynb
 
 clean:
-	rm -rf $(VENV) $(OUT) runs .pytest_cache
+	rm -rf $(VENV) $(OUT) runs .pytest_cache .cache

@@ -12,12 +12,17 @@ DimeNet++ output blocks emitting vectors). Any readout from
 """
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch_geometric.nn.models import DimeNetPlusPlus, SchNet
+from torch_geometric.nn.models import SchNet
+from torch_geometric.nn.models.dimenet import (BesselBasisLayer, EmbeddingBlock, InteractionPPBlock,
+                                               OutputPPBlock, SphericalBasisLayer)
+from torch_geometric.nn.resolver import activation_resolver
 from torch_geometric.nn.models.schnet import ShiftedSoftplus
 
 from .graph import RadiusInteractionGraph, check_batch_vector, radius_graph, triplets
@@ -77,6 +82,17 @@ class SchNetBackbone(torch.nn.Module):
         return h
 
 
+@functools.lru_cache(maxsize=8)
+def _spherical_basis_template(num_spherical: int, num_radial: int, cutoff: float,
+                              envelope_exponent: int) -> SphericalBasisLayer:
+    return SphericalBasisLayer(num_spherical, num_radial, cutoff, envelope_exponent)
+
+
+def _spherical_basis(num_spherical, num_radial, cutoff, envelope_exponent) -> SphericalBasisLayer:
+    """PyG's spherical basis, whose sympy set-up takes ~9 s, built once per configuration and copied."""
+    return copy.deepcopy(_spherical_basis_template(num_spherical, num_radial, float(cutoff), envelope_exponent))
+
+
 class DimeNetPlusPlusBackbone(torch.nn.Module):
     r"""DimeNet++ (Gasteiger et al.) returning per-atom vectors of width ``out_channels``.
 
@@ -94,15 +110,19 @@ class DimeNetPlusPlusBackbone(torch.nn.Module):
                  max_num_neighbors: int = 32, envelope_exponent: int = 5):
         super().__init__()
         out_channels = out_channels or hidden_channels
-        net = DimeNetPlusPlus(hidden_channels=hidden_channels, out_channels=out_channels, num_blocks=num_blocks,
-                              int_emb_size=int_emb_size, basis_emb_size=basis_emb_size,
-                              out_emb_channels=out_emb_channels, num_spherical=num_spherical,
-                              num_radial=num_radial, cutoff=cutoff, max_num_neighbors=max_num_neighbors,
-                              envelope_exponent=envelope_exponent, output_initializer="glorot_orthogonal")
+        act = activation_resolver("swish")
         self.hidden_channels, self.out_channels = hidden_channels, out_channels
         self.cutoff, self.max_num_neighbors = cutoff, max_num_neighbors
-        self.rbf, self.sbf, self.emb = net.rbf, net.sbf, net.emb
-        self.output_blocks, self.interaction_blocks = net.output_blocks, net.interaction_blocks
+        # Same blocks and layout as PyG's DimeNetPlusPlus (state dicts are interchangeable).
+        self.rbf = BesselBasisLayer(num_radial, cutoff, envelope_exponent)
+        self.sbf = _spherical_basis(num_spherical, num_radial, cutoff, envelope_exponent)
+        self.emb = EmbeddingBlock(num_radial, hidden_channels, act)
+        self.output_blocks = torch.nn.ModuleList(
+            OutputPPBlock(num_radial, hidden_channels, out_emb_channels, out_channels, 3, act, "glorot_orthogonal")
+            for _ in range(num_blocks + 1))
+        self.interaction_blocks = torch.nn.ModuleList(
+            InteractionPPBlock(hidden_channels, int_emb_size, basis_emb_size, num_spherical, num_radial, 1, 2, act)
+            for _ in range(num_blocks))
 
     def reset_parameters(self):
         self.rbf.reset_parameters()

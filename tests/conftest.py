@@ -12,6 +12,8 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # Tests never download: every loader reads from the shared folder beside the checkout.
 os.environ.setdefault("ABP_DATA_DIR", str(SHARED_DATA))
+# ../shared/data is read-only: processed caches go to a git-ignored folder of the checkout.
+os.environ.setdefault("ABP_CACHE_DIR", str(REPO_ROOT / ".cache" / "processed"))
 
 
 @pytest.fixture(scope="session")
