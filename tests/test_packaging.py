@@ -24,7 +24,8 @@ def _reqs(lines):
 
 def pyproject_reqs():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return _reqs(meta["dependencies"] + meta["optional-dependencies"]["dev"])
+    extras = meta["optional-dependencies"]
+    return _reqs(meta["dependencies"] + extras["dev"] + extras["dft"])
 
 
 def environment_reqs():
