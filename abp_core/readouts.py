@@ -113,8 +113,8 @@ class MaxPooling(Readout):
         return self.reduce(x, batch, dim_size=dim_size, reduce="max")
 
 
-def _mlp(in_channels: int, hidden: int, out_channels: int) -> torch.nn.Sequential:
-    return torch.nn.Sequential(Linear(in_channels, hidden), torch.nn.SiLU(), Linear(hidden, out_channels))
+def _mlp(in_channels: int, hidden: int, out_channels: int, bias: bool = True) -> torch.nn.Sequential:
+    return torch.nn.Sequential(Linear(in_channels, hidden), torch.nn.SiLU(), Linear(hidden, out_channels, bias=bias))
 
 
 def _reset_mlp(mlp: torch.nn.Module) -> None:
@@ -146,7 +146,8 @@ class WeightedAveragePooling(Readout):
                  hidden_channels: Optional[int] = None):
         super().__init__(in_channels, out_channels)
         hidden = hidden_channels or max(in_channels // 2, 1)
-        self.weight_mlp = _mlp(in_channels, hidden, 1)
+        # No bias on the logit: softmax is shift-invariant, so it would never learn.
+        self.weight_mlp = _mlp(in_channels, hidden, 1, bias=False)
         self.value_mlp = _mlp(in_channels, hidden, self.out_channels)
 
     def reset_parameters(self):
