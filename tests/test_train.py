@@ -1,0 +1,382 @@
+"""Trainer acceptance tests on real QM7b molecules with tiny SchNet models (CPU, a few seconds each)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from abp_core.config import Config, ConfigError
+from abp_core.train import (AtomisticTask, NonFiniteLossError, RunConflictError, evaluate, load_task,
+                            regression_metrics, run_directory, run_training)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TARGET = "Atomization energy (DFT/PBE0)"  # extensive: every readout makes progress within 2-3 epochs
+SMALL = {"hidden_channels": 16, "num_filters": 16, "num_interactions": 1, "num_gaussians": 16, "cutoff": 5.0}
+READOUTS = ["sum", "mean", "max", "wa", "owa", "abp"]
+
+
+def tiny_config(out, readout="sum", subset=300, **trainer) -> Config:
+    """300 molecules (240/30/30), batch 32 -> 8 steps per epoch."""
+    return Config.from_dict({
+        "data": {"dataset": "qm7b", "targets": ["E_atomization_PBE0"], "subset": subset, "root": str(SHARED_DATA)},
+        "model": {"readout": readout, "backbone_hparams": SMALL, "readout_hparams": {"abp": {"heads": 2}}},
+        "trainer": {"max_epochs": 3, "batch_size": 32, "lr": 5e-3, "output_dir": str(out), "progress_bar": False,
+                    **trainer},
+    })
+
+
+def synthetic_homo_coeff(data):
+    """Per-atom 'orbital coefficients' for the OWA test: a softmax favouring O and N atoms."""
+    data = data.clone()
+    data.homo_coeff = torch.softmax(2.0 * (data.z == 8).float() + (data.z == 7).float(), 0)
+    return data
+
+
+def state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def history(run_dir) -> pd.DataFrame:
+    return pd.read_csv(Path(run_dir) / "history.csv")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """train(readout) -> RunResult, each readout trained once per module (3 epochs)."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = {}
+
+    def train(readout):
+        if readout not in cache:
+            cache[readout] = run_training(tiny_config(root, readout),
+                                          transform=synthetic_homo_coeff if readout == "owa" else None)
+        return cache[readout]
+
+    train.root = root
+    return train
+
+
+# ---- learning --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("readout", READOUTS)
+def test_every_readout_trains_and_the_loss_goes_down(trained, readout):
+    res = trained(readout)
+    h = history(res.run_dir)
+    assert h["epoch"].tolist() == [0, 1, 2] and h["global_step"].tolist() == [8, 16, 24]
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
+    assert h["val_loss"].iloc[-1] < h["val_loss"].iloc[0]
+    assert (h["lr"] == 5e-3).all() and (h["epoch_time_s"] > 0).all()
+    assert res.metrics["config"]["model"]["readout"] == readout
+    if readout == "owa":  # both parts of the objective are logged; the total is their sum (beta = 1)
+        for split in ("train", "val"):
+            assert (h[f"{split}_orbital_loss"] > 0).all()
+            assert np.allclose(h[f"{split}_total_loss"], h[f"{split}_loss"] + h[f"{split}_orbital_loss"], rtol=1e-5)
+        assert h["train_orbital_loss"].iloc[-1] < h["train_orbital_loss"].iloc[0]
+    else:
+        assert "train_orbital_loss" not in h.columns
+
+
+def test_metrics_are_physical_units_and_match_saved_predictions(trained):
+    from abp_core.data import get_dataset
+
+    res = trained("sum")
+    m = json.loads((res.run_dir / "metrics.json").read_text())
+    assert m["target_names"] == [TARGET] and m["target_units"] == ["Ha"] and m["target_indices"] == [3]
+    assert set(m["versions"]) >= {"torch", "torch_geometric", "lightning", "abp"}
+    assert m["seed"] == 0 and m["config"]["trainer"]["lr"] == 5e-3 and m["wall_time_s"] > 0
+    assert m["split_sizes"] == {"train": 240, "val": 30, "test": 30}
+    pred = pd.read_csv(res.run_dir / "predictions_test.csv")
+    assert len(pred) == 30 and set(pred["weights"]) == {"best"} and set(pred["unit"]) == {"Ha"}
+    # y_true are the raw dataset values (Hartree), not standardised ones
+    ds = get_dataset("qm7b", root=SHARED_DATA)
+    raw = ds.targets(pred["idx"].to_numpy())[:, 3].double().numpy()
+    np.testing.assert_array_equal(pred["y_true"].to_numpy(), raw)
+    err = pred["y_pred"] - pred["y_true"]
+    test = m["metrics"]["test_best"][TARGET]
+    assert test["mae"] == pytest.approx(err.abs().mean(), rel=1e-12)   # MAE by hand
+    assert test["rmse"] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-12)
+    assert test["max_error"] == pytest.approx(err.abs().max(), rel=1e-12)
+    ss_tot = ((pred["y_true"] - pred["y_true"].mean()) ** 2).sum()
+    assert test["r2"] == pytest.approx(1 - (err ** 2).sum() / ss_tot, rel=1e-9)
+    assert test["n"] == 30 and abs(raw.mean()) > 1.0 > test["mae"]  # physical scale (Ha), learnt something
+    # the same numbers come out of the best checkpoint, which rebuilds itself (config, standardiser)
+    task = load_task(res.run_dir / "best.ckpt")
+    assert task.hparams["target_std"][0] > 0.1  # Hartree-scale standardiser from the training split
+    again = evaluate(task, _test_set(res), batch_size=7)
+    assert regression_metrics(again["y_true"], again["y_pred"], [TARGET])[TARGET]["mae"] == pytest.approx(
+        test["mae"], rel=1e-6)
+    csv = pd.read_csv(res.run_dir / "metrics.csv")
+    row = csv[(csv["split"] == "test") & (csv["weights"] == "best")].iloc[0]
+    assert row["mae"] == pytest.approx(test["mae"]) and row["unit"] == "Ha"
+
+
+def _test_set(res):
+    return _test_set_from(res.metrics["config"])
+
+
+def test_finished_run_is_not_redone(trained):
+    res = trained("sum")
+    metrics = res.run_dir / "metrics.json"
+    before = (metrics.stat().st_mtime_ns, (res.run_dir / "last.ckpt").stat().st_mtime_ns)
+    again = run_training(tiny_config(trained.root, "sum"))
+    assert again.skipped and again.run_dir == res.run_dir and again.metrics == res.metrics
+    assert (metrics.stat().st_mtime_ns, (res.run_dir / "last.ckpt").stat().st_mtime_ns) == before
+    # the same target given by index is the same run; another learning rate is a new run directory
+    assert run_training(tiny_config(trained.root, "sum").with_overrides(["data.targets=[3]"])).skipped
+    other = tiny_config(trained.root, "sum", lr=1e-3)
+    assert run_directory(other, [TARGET]) != res.run_dir
+    # a run directory holding another configuration's results is never overwritten
+    doc = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**doc, "fingerprint": "deadbeef"}))
+    try:
+        with pytest.raises(RunConflictError, match="not overwriting"):
+            run_training(tiny_config(trained.root, "sum"))
+    finally:
+        metrics.write_text(json.dumps(doc))
+
+
+def test_reported_metrics_come_from_the_best_checkpoint(tmp_path):
+    class WorseLastEpoch(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                for group in trainer.optimizers[0].param_groups:
+                    group["lr"] = 0.2
+
+    res = run_training(tiny_config(tmp_path), callbacks=[WorseLastEpoch()])
+    m, h = res.metrics, history(res.run_dir)
+    best_epoch = int(h["val_loss"].idxmin())
+    assert best_epoch < 2 and h["val_loss"].iloc[2] > 1.2 * h["val_loss"].min()
+    assert m["best_epoch"] == best_epoch and m["best_val_loss"] == pytest.approx(h["val_loss"].min(), rel=1e-6)
+    assert state(res.run_dir / "best.ckpt")["epoch"] == best_epoch
+    assert state(res.run_dir / "last.ckpt")["epoch"] == 2 and state(res.run_dir / "last.ckpt")["global_step"] == 24
+    best, last = m["metrics"]["test_best"][TARGET]["mae"], m["metrics"]["test_last"][TARGET]["mae"]
+    assert best != last
+    ds = _test_set(res)
+    for ckpt, value in (("best.ckpt", best), ("last.ckpt", last)):
+        r = evaluate(load_task(res.run_dir / ckpt), ds)
+        assert np.abs(r["y_pred"] - r["y_true"]).mean() == pytest.approx(value, rel=1e-6)
+    assert m["metrics"]["val_best"][TARGET]["mae"] == pytest.approx(h.loc[best_epoch, f"val_mae[{TARGET}]"], rel=1e-5)
+
+
+def test_early_stopping_and_plateau_scheduler(tmp_path):
+    # min_delta = 1 (standardised units): no epoch after the first counts as an improvement -> stop after
+    # `patience` more epochs. SGD with lr 1e-6 keeps the validation loss flat (changes far below
+    # ReduceLROnPlateau's relative threshold 1e-4), so the scheduler (patience 0) halves the lr after every
+    # epoch but the first (which sets its reference). History rows record the lr used during that epoch.
+    res = run_training(tiny_config(tmp_path, optimizer="sgd", lr=1e-6, max_epochs=20, patience=3, min_delta=1.0,
+                                   scheduler="plateau", scheduler_patience=0, min_lr=0.0))
+    h = history(res.run_dir)
+    assert res.metrics["stopped_early"] and len(h) == 4 and res.metrics["epochs_trained"] == 4
+    assert h["lr"].tolist() == pytest.approx([1e-6, 1e-6, 5e-7, 2.5e-7], rel=1e-9)
+
+
+def assert_same_training(run_dir, ref_dir):
+    """Resumed run == uninterrupted run, to float32 round-off.
+
+    * per-epoch train/val losses agree to 1e-6 (relative) and the final models' test predictions to 1e-5;
+    * every weight whose gradient is not identically zero agrees to 1e-5 (absolute). Weights whose exact
+      gradient is zero (attention key biases, the Q/K projections of a one-seed decoder, embeddings of
+      absent elements) only see round-off noise, which Adam normalises to steps of size lr; they are
+      recognised by Adam's second moment (< 1e-14) in the reference and left out. Between fresh processes
+      everything is usually bitwise equal, but vectorised float reductions may depend on memory alignment.
+    """
+    h, h_ref = history(run_dir), history(ref_dir)
+    assert h["epoch"].tolist() == h_ref["epoch"].tolist() == list(range(len(h_ref)))
+    assert h["global_step"].tolist() == h_ref["global_step"].tolist()
+    for col in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(h[col], h_ref[col], rtol=1e-6)
+    final, ref = state(Path(run_dir) / "last.ckpt"), state(Path(ref_dir) / "last.ckpt")
+    names = [n for n, _ in AtomisticTask(**ref["hyper_parameters"]).named_parameters()]
+    moments = ref["optimizer_states"][0]["state"]
+    checked = total = 0
+    for i, name in enumerate(names):
+        live = moments[i]["exp_avg_sq"] > 1e-14
+        diff = (final["state_dict"][name] - ref["state_dict"][name]).abs()
+        if live.any():
+            assert diff[live].max().item() < 1e-5, (name, diff[live].max().item())
+        if "embedding" not in name:  # 94 of the 100 element rows never get a gradient on QM7b
+            checked, total = checked + int(live.sum()), total + live.numel()
+    assert checked > 0.8 * total  # the exclusion is the exception, not the rule
+    ds = _test_set_from(ref["hyper_parameters"]["config"])
+    a = evaluate(load_task(Path(run_dir) / "last.ckpt"), ds)["y_pred"]
+    b = evaluate(load_task(Path(ref_dir) / "last.ckpt"), ds)["y_pred"]
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def _test_set_from(config):
+    from abp_core.train import AtomisticDataModule
+
+    dm = AtomisticDataModule(Config.from_dict(config))
+    dm.setup()
+    return dm.test_set
+
+
+# ---- resume ------------------------------------------------------------------------------------------
+KILL_SCRIPT = """
+import json, os, sys
+import lightning as L
+from abp_core.config import Config
+from abp_core.train import run_training
+
+class HardKill(L.Callback):
+    def __init__(self, step): self.step = step
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os._exit(17)      # no cleanup, no checkpoint: like SIGKILL or a power cut
+
+cfg = Config.from_dict(json.load(open(sys.argv[1])))
+kill = int(sys.argv[2])
+res = run_training(cfg, callbacks=[HardKill(kill)] if kill >= 0 else [])
+print("RESUMED_FROM", json.dumps(res.resumed_from))
+"""
+
+
+@pytest.mark.slow
+def test_hard_kill_mid_epoch_and_resume_exactly(tmp_path):
+    """Killed (os._exit) at step 13, resumed from the step-12 checkpoint in the middle of epoch 1.
+
+    Asserted: the rerun continues at epoch 1 / step 12 (not from zero), ends at step 24 like an
+    uninterrupted run, and its training is the uninterrupted one (see :func:`assert_same_training`).
+    Without the exact mid-epoch data position (a plain DataLoader) the losses differ by ~1e-2.
+    """
+    ref = run_training(tiny_config(tmp_path / "ref", "abp", checkpoint_every_n_steps=3))
+    cfg = tiny_config(tmp_path / "killed", "abp", checkpoint_every_n_steps=3)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, str(tmp_path / "kill.py"), str(tmp_path / "cfg.json")]
+    first = subprocess.run(cmd + ["13"], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 17, first.stderr[-2000:]
+    run_dir = run_directory(cfg, [TARGET])
+    assert not (run_dir / "metrics.json").exists()
+    ck = state(run_dir / "last.ckpt")
+    assert (ck["epoch"], ck["global_step"]) == (1, 12)
+
+    second = subprocess.run(cmd + ["-1"], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "from last.ckpt (epoch 1, global step 12)" in second.stderr
+    assert 'RESUMED_FROM {"epoch": 1, "global_step": 12}' in second.stdout
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["global_step"] == 24 and m["resumed_from"] == {"epoch": 1, "global_step": 12}
+    assert_same_training(run_dir, ref.run_dir)
+    assert m["metrics"]["test_best"][TARGET]["mae"] == pytest.approx(
+        ref.metrics["metrics"]["test_best"][TARGET]["mae"], rel=1e-5)
+
+
+def test_crash_and_resume_from_end_of_epoch_checkpoint(tmp_path):
+    """An exception at step 13 (no step checkpoints): resume from the epoch-0 checkpoint (step 8)."""
+    class Crash(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 13:
+                raise RuntimeError("simulated crash")
+
+    ref = run_training(tiny_config(tmp_path / "ref", "wa"))
+    cfg = tiny_config(tmp_path / "crashed", "wa")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(cfg, callbacks=[Crash()])
+    run_dir = run_directory(cfg, [TARGET])
+    assert state(run_dir / "last.ckpt")["global_step"] == 8
+    res = run_training(cfg)
+    assert res.resumed_from == {"epoch": 0, "global_step": 8} and res.metrics["global_step"] == 24
+    assert_same_training(run_dir, ref.run_dir)
+
+
+# ---- failures ----------------------------------------------------------------------------------------
+def test_nan_targets_stop_with_a_clear_message_and_keep_the_checkpoint(tmp_path):
+    class PoisonTargets(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 10:
+                batch.y[:2] = float("nan")
+
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(NonFiniteLossError) as info:
+        run_training(cfg, callbacks=[PoisonTargets()])
+    msg = str(info.value)
+    assert "non-finite training loss at epoch 1, global step 10" in msg
+    assert "non-finite targets in the batch" in msg and "Training stopped" in msg
+    run_dir = run_directory(cfg, [TARGET])
+    assert f"{run_dir / 'last.ckpt'} (epoch 0, global step 8)" in msg
+    ck = state(run_dir / "last.ckpt")
+    assert ck["global_step"] == 8 and all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+    assert not (run_dir / "metrics.json").exists()
+    assert load_task(run_dir / "last.ckpt") is not None
+
+
+def test_divergence_restores_the_previous_checkpoint(tmp_path):
+    """lr jumps to 1e12 at step 5: the update of step 6 blows the weights up, the loss of step 7 is inf/NaN.
+
+    last.ckpt (written every step) then holds the diverged weights of step 6; it is set aside as
+    last-nonfinite.ckpt and the step-5 checkpoint becomes last.ckpt again.
+    """
+    class Explode(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5:
+                for group in trainer.optimizers[0].param_groups:
+                    group["lr"] = 1e12
+
+    cfg = tiny_config(tmp_path, checkpoint_every_n_steps=1, optimizer="sgd")
+    with pytest.raises(NonFiniteLossError, match=r"global step 6 .*diverged.*previous checkpoint was restored"):
+        run_training(cfg, callbacks=[Explode()])
+    run_dir = run_directory(cfg, [TARGET])
+    good, bad = state(run_dir / "last.ckpt"), state(run_dir / "last-nonfinite.ckpt")
+    assert good["global_step"] == 5 and bad["global_step"] == 6
+    assert max(v.abs().max().item() for v in good["state_dict"].values()) < 1e3
+
+
+def test_bf16_mixed_precision_runs(tmp_path):
+    dtypes = []
+
+    class Probe(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            pl_module.model.head[0].register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+
+    res = run_training(tiny_config(tmp_path, "abp", subset=100, max_epochs=1, precision="bf16-mixed"),
+                       callbacks=[Probe()])
+    assert torch.bfloat16 in dtypes  # autocast was active in the forward pass
+    assert res.metrics["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert np.isfinite(res.metrics["metrics"]["test_best"][TARGET]["mae"])
+
+
+# ---- DDP ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    """2 CPU processes (gloo) with batch 8 each vs 1 process with batch 16, same seed and init.
+
+    40 molecules -> 32 training molecules = 2 optimisation steps per epoch in both runs; with the
+    DistributedSampler semantics each step sees the same 16 molecules and DDP averages the two halves'
+    gradients, so after 2 SGD steps the weights agree to float32 round-off (atol 1e-6), while they moved
+    away from the initial weights by over 1000x more than that. (Summed instead of averaged gradients, or
+    overlapping/duplicated shards, would show up as differences of the order of the move itself.)
+    """
+    base = tiny_config(tmp_path / "runs", "abp", subset=40, max_epochs=1, optimizer="sgd", lr=0.5,
+                       accelerator="cpu")
+    path = base.save(tmp_path / "cfg.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "abp_core.cli", "train", "--config", str(path),
+                           "trainer.batch_size=8", "trainer.devices=2", "trainer.strategy=ddp"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    two = run_directory(base.with_overrides(["trainer.batch_size=8"]), [TARGET])
+    one = run_training(base.with_overrides(["trainer.batch_size=16", "trainer.devices=1"]))
+    a, b = state(two / "last.ckpt"), state(one.run_dir / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 2
+    assert a["hyper_parameters"]["config"]["trainer"]["batch_size"] == 8
+    L.seed_everything(base.seed, verbose=False)
+    hp = b["hyper_parameters"]
+    init = AtomisticTask(**hp).state_dict()
+    moved = max((b["state_dict"][k] - init[k]).abs().max().item() for k in init)
+    diff = max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in init)
+    assert moved > 1e-4 and diff < 1e-6 and diff < 1e-3 * moved, (moved, diff)
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2["metrics"]["test_best"][TARGET]["mae"] == pytest.approx(
+        one.metrics["metrics"]["test_best"][TARGET]["mae"], rel=1e-4)
