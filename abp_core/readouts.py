@@ -25,6 +25,7 @@ from torch_geometric.utils import softmax
 from .graph import check_batch_vector
 
 __all__ = [
+    "packed_self_attention",
     "Readout",
     "SumPooling",
     "MeanPooling",
@@ -33,6 +34,8 @@ __all__ = [
     "OrbitalWeightedAveragePooling",
     "AttentionPooling",
     "MultiheadAttentionBlock",
+    "InducedSetAttentionBlock",
+    "SetLayout",
     "READOUTS",
     "build_readout",
 ]
@@ -210,6 +213,201 @@ class OrbitalWeightedAveragePooling(WeightedAveragePooling):
         return super().extra_repr() + f", beta={self.beta}, coefficient_key={self.coefficient_key!r}"
 
 
+class SetLayout:
+    """Size-sorted packing of a mini-batch's atoms for attention without padding.
+
+    Molecules are ordered by size (stably) and their atoms packed in that order, so
+    that every run of equal-size molecules is one contiguous block of rows, a zero-copy
+    ``[B, n, C]`` view. Attention runs per block (no padding, no masks), and every
+    linear layer runs on all packed atoms at once. Atoms are permuted once on entry
+    (skipped when the batch is already size-sorted) and only molecule-level rows are
+    permuted back.
+
+    Attributes:
+        num_molecules: molecule slots ``M`` (including empty ones).
+        counts: atoms per molecule ``[M]``.
+        buckets: ``(first_row, first_molecule, B, n)`` per block of ``B`` molecules
+            of ``n`` atoms, in sorted order.
+        rows: ``B * n`` per block (for :meth:`torch.Tensor.split`).
+        molecules: sorted position -> molecule id ``[M']`` (empty molecules excluded).
+        atom_order: sorted row -> original atom index ``[N]`` (``None`` when identical).
+        identity: molecules are already size-sorted and none is empty (no permutation at all).
+    """
+
+    def __init__(self, batch: Tensor, num_molecules: int, max_ratio: float = 1.0):
+        device = batch.device
+        counts = torch.bincount(batch, minlength=num_molecules)
+        sizes = counts.tolist()  # one host sync per forward, to plan the blocks
+        order = sorted((m for m in range(num_molecules) if sizes[m] > 0), key=sizes.__getitem__)
+        self.num_molecules = num_molecules
+        self.counts = counts
+        self.identity = order == list(range(num_molecules))
+        self.buckets = []
+        row = 0
+        for pos, m in enumerate(order):
+            n = sizes[m]
+            if self.buckets and self.buckets[-1][3] == n:
+                r0, m0, b, _ = self.buckets[-1]
+                self.buckets[-1] = (r0, m0, b + 1, n)
+            else:
+                self.buckets.append((row, pos, 1, n))
+            row += n
+        self.num_atoms = row
+        self.rows = [b * n for _, _, b, n in self.buckets]
+        self.sizes = [n for _, _, b, n in self.buckets for _ in range(b)]
+        if self.identity:
+            self.molecules = torch.arange(num_molecules, device=device)
+            self.atom_order = None
+        else:
+            self.molecules = torch.tensor(order, dtype=torch.long, device=device)
+            sorted_counts = counts[self.molecules]
+            shift = (torch.cumsum(counts, 0) - counts)[self.molecules] - (torch.cumsum(sorted_counts, 0) - sorted_counts)
+            self.atom_order = torch.arange(row, device=device) + torch.repeat_interleave(shift, sorted_counts)
+        self._atom_inverse = None
+        self._dense_index = None
+
+    @property
+    def num_present(self) -> int:
+        """Molecules with at least one atom (``M'``)."""
+        return int(self.molecules.numel())
+
+    def to_sorted(self, x: Tensor) -> Tensor:
+        """Packed rows in batch order -> sorted order."""
+        return x if self.atom_order is None else x.index_select(0, self.atom_order)
+
+    def atoms_to_batch_order(self, x: Tensor) -> Tensor:
+        """Packed rows in sorted order -> batch order."""
+        if self.atom_order is None:
+            return x
+        if self._atom_inverse is None:
+            self._atom_inverse = torch.argsort(self.atom_order)
+        return x.index_select(0, self._atom_inverse)
+
+    def molecules_to_batch_order(self, rows: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        """Per-molecule rows ``[M', ...]`` in sorted order -> ``[M, ...]`` in molecule order.
+
+        Empty molecule slots get ``fill`` (broadcast) or zeros.
+        """
+        if self.identity:
+            return rows
+        out = rows.new_zeros((self.num_molecules,) + tuple(rows.shape[1:]))
+        if fill is not None:
+            out = out + fill
+        return out.index_copy(0, self.molecules, rows)
+
+    def pad(self, packed: Tensor, value: float) -> Tensor:
+        """Sorted packed rows ``[N, F]`` -> padded ``[M', n_max, F]`` (padding filled with ``value``)."""
+        if self._dense_index is None:
+            n_max = self.buckets[-1][3] if self.buckets else 0
+            local = torch.cat([torch.arange(n, device=self.counts.device).repeat(b) for _, _, b, n in self.buckets])
+            mol = torch.repeat_interleave(torch.arange(len(self.sizes), device=self.counts.device),
+                                          torch.tensor(self.sizes, device=self.counts.device))
+            self._dense_index = (mol * n_max + local, n_max)
+        index, n_max = self._dense_index
+        if index.numel() == self.num_present * n_max:  # all molecules the same size: a view
+            return packed.view(self.num_present, n_max, -1)
+        out = packed.new_full((self.num_present * n_max, packed.size(1)), value)
+        return out.index_copy(0, index, packed).view(self.num_present, n_max, -1)
+
+    def blocks(self, packed: Tensor):
+        """Yield ``(block [B, n, C], (first_row, first_molecule, B, n))`` views of sorted packed rows."""
+        for chunk, bucket in zip(packed.split(self.rows), self.buckets):
+            yield chunk.view(bucket[2], bucket[3], -1), bucket
+
+
+def _cpu_flash_available(t: Tensor, dropout_p: float) -> bool:
+    return (_FLASH_CPU is not None and t.device.type == "cpu" and dropout_p == 0.0
+            and t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+
+
+try:  # the fused CPU kernels behind F.scaled_dot_product_attention, called per block
+    _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+except (AttributeError, RuntimeError):  # pragma: no cover - older/unusual builds
+    _FLASH_CPU = _FLASH_CPU_BACKWARD = None
+
+
+class _PackedSelfAttention(torch.autograd.Function):
+    """Self-attention within each molecule of size-sorted packed ``qkv`` ``[N, 3C]`` -> ``[N, C]``.
+
+    One fused flash-attention call per block of equal-size molecules (CPU kernel, no
+    mask, no padding). Outputs and input gradients are written straight into packed
+    buffers, so no per-block autograd graph, concatenation or zero-fill is built.
+    Same numbers as :func:`torch.nn.functional.scaled_dot_product_attention`.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, buckets, heads: int):
+        n_rows, c3 = qkv.shape
+        c = c3 // 3
+        d = c // heads
+        outs, lses = [], []
+        for r0, _, b, n in buckets:
+            blk = qkv[r0:r0 + b * n].view(b, n, 3, heads, d)
+            q, k, v = (blk[:, :, i].transpose(1, 2) for i in range(3))
+            o, lse = _FLASH_CPU(q, k, v, 0.0, False)
+            outs.append(o.transpose(1, 2).reshape(b * n, c))  # a view: the kernel writes [B, n, H, d]
+            lses.append(lse)
+        out = torch.cat(outs) if len(outs) > 1 else outs[0].clone()
+        ctx.buckets, ctx.heads = buckets, heads
+        ctx.save_for_backward(qkv, out, *lses)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        qkv, out, *lses = ctx.saved_tensors
+        heads = ctx.heads
+        n_rows, c3 = qkv.shape
+        c = c3 // 3
+        d = c // heads
+        grad_out = grad_out.contiguous()
+        grads = ([], [], [])
+        for (r0, _, b, n), lse in zip(ctx.buckets, lses):
+            rows = slice(r0, r0 + b * n)
+            blk = qkv[rows].view(b, n, 3, heads, d)
+            q, k, v = (blk[:, :, i].transpose(1, 2) for i in range(3))
+            o = out[rows].view(b, n, heads, d).transpose(1, 2)
+            go = grad_out[rows].view(b, n, heads, d).transpose(1, 2)
+            for acc, g in zip(grads, _FLASH_CPU_BACKWARD(go, q, k, v, o, lse, 0.0, False)):
+                acc.append(g.transpose(1, 2).reshape(b * n, c))
+        grad = qkv.new_empty(qkv.shape)
+        for i, acc in enumerate(grads):  # one concatenation per q/k/v, straight into the packed gradient
+            torch.cat(acc, out=grad[:, i * c:(i + 1) * c])
+        return grad, None, None
+
+
+def packed_self_attention(qkv: Tensor, layout: SetLayout, heads: int, dropout_p: float = 0.0,
+                          force_generic: bool = False) -> Tensor:
+    """Multi-head self-attention within each molecule: packed ``[N, 3C]`` (q|k|v) -> ``[N, C]``.
+
+    On CPU without dropout: :class:`_PackedSelfAttention` (fused kernels, custom backward);
+    otherwise (or with ``force_generic``) per-block
+    :func:`torch.nn.functional.scaled_dot_product_attention` under autograd.
+    """
+    if not force_generic and _cpu_flash_available(qkv, dropout_p):
+        return _PackedSelfAttention.apply(qkv, layout.buckets, heads)
+    c = qkv.size(1) // 3
+    outs = []
+    for blk, (_, _, b, n) in layout.blocks(qkv):
+        q, k, v = (t.transpose(1, 2) for t in blk.view(b, n, 3, heads, c // heads).unbind(2))
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        outs.append(o.transpose(1, 2).reshape(b * n, c))
+    return torch.cat(outs)
+
+
+def _heads(t: Tensor, heads: int) -> Tensor:
+    """``[B, n, C] -> [B, heads, n, C / heads]``."""
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge(t: Tensor) -> Tensor:
+    """``[B, heads, n, d] -> [B, n, heads * d]``."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
 class MultiheadAttentionBlock(torch.nn.Module):
     r"""Multihead attention block (MAB, paper Eq. 5-6) with masking.
 
@@ -218,8 +416,9 @@ class MultiheadAttentionBlock(torch.nn.Module):
 
     with optional layer norms after each residual (Set Transformer's layout).
     Parameters are laid out like :class:`torch.nn.MultiheadAttention`
-    (``in_proj_weight``/``in_proj_bias``/``out_proj``), and attention runs through
-    :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels).
+    (``in_proj_weight``/``in_proj_bias``/``out_proj``). :meth:`forward` works on
+    padded ``[B, n, C]`` sets with masks; the ``*_packed`` methods work on a
+    :class:`SetLayout`'s size-sorted packed atoms (no padding).
     """
 
     def __init__(self, channels: int, heads: int = 1, layer_norm: bool = False, dropout: float = 0.0):
@@ -278,54 +477,90 @@ class MultiheadAttentionBlock(torch.nn.Module):
         return self.dropout if self.training else 0.0
 
     def _feed_forward(self, x: Tensor, attended: Tensor) -> Tensor:
-        h = x + self.out_proj(attended)
+        # In-place adds/ReLU on fresh linear outputs (not saved for backward) save two temporaries.
+        h = self.out_proj(attended)
+        h = h.add_(x) if h.dtype == x.dtype and h.shape == x.shape else h + x
         if self.norm1 is not None:
             h = self.norm1(h)
-        h = h + self.lin(h).relu()
+        h = h + self.lin(h).relu_()
         if self.norm2 is not None:
             h = self.norm2(h)
         return h
 
-    def forward_packed(self, x: Tensor, layout: "SetLayout") -> Tensor:
-        """SAB on packed atoms ``[num_atoms, C]``: attention within each molecule, bucket by bucket."""
+    def forward_packed(self, x: Tensor, layout: SetLayout) -> Tensor:
+        """SAB on size-sorted packed atoms ``[N, C]``: attention within each molecule."""
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        rows = []
-        for block, mask in layout.split(qkv):
-            q, k, v = block.chunk(3, dim=-1)
-            attn_mask = None if mask is None else self.attention_mask(mask, mask)
-            out = _merge(F.scaled_dot_product_attention(
-                _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads),
-                attn_mask=attn_mask, dropout_p=self._dropout()))
-            rows.append(out.reshape(-1, self.channels) if mask is None else out[mask])
-        return self._feed_forward(x, torch.cat(rows).index_select(0, layout.inverse))
+        return self._feed_forward(x, packed_self_attention(qkv, layout, self.heads, self._dropout()))
 
-    def pool_packed(self, queries: Tensor, y: Tensor, layout: "SetLayout") -> Tensor:
-        """MAB(S, Y) with the same ``[k, C]`` queries for every molecule over packed keys ``y``."""
-        w_q, w_kv = self.in_proj_weight.split([self.channels, 2 * self.channels])
-        b_q, b_kv = self.in_proj_bias.split([self.channels, 2 * self.channels])
-        q = _heads(F.linear(queries, w_q, b_q).unsqueeze(0), self.heads)  # [1, H, k, d]
-        kv = F.linear(y, w_kv, b_kv)
-        outs = []
-        for block, mask in layout.split(kv):
-            k, v = block.chunk(2, dim=-1)
-            attn_mask = None if mask is None else mask[:, None, None, :]
-            outs.append(_merge(F.scaled_dot_product_attention(
-                q.expand(block.size(0), -1, -1, -1), _heads(k, self.heads), _heads(v, self.heads),
-                attn_mask=attn_mask, dropout_p=self._dropout())))
-        attended = y.new_zeros(layout.num_molecules, queries.size(0), self.channels)
-        if outs:
-            attended = attended.index_copy(0, layout.molecules, torch.cat(outs))
+    def seed_scores(self, queries: Tensor, y: Tensor) -> Tensor:
+        r"""Attention logits ``[N, k * heads]`` of ``k`` shared queries over packed keys ``y``.
+
+        Uses :math:`q_h \cdot (W_{k,h} y + b_{k,h}) = (W_{k,h}^\top q_h) \cdot y + \mathrm{const}`:
+        the constant is the same for all atoms, so it cancels in the softmax, and the
+        key projection (``C x C`` per atom) becomes a ``C x k*heads`` one.
+        """
+        w_q, w_k, _ = self.in_proj_weight.chunk(3)
+        b_q = self.in_proj_bias[:self.channels]
+        d = self.channels // self.heads
+        q = F.linear(queries, w_q, b_q).view(-1, self.heads, d)  # [k, H, d]
+        u = torch.einsum("khd,hdc->khc", q, w_k.view(self.heads, d, self.channels))
+        return F.linear(y, u.reshape(-1, self.channels) * d ** -0.5)
+
+    def attend_seeds(self, queries: Tensor, y: Tensor, layout: SetLayout) -> Tensor:
+        r"""Attention output ``[M', k, C]`` (sorted molecules) of ``k`` shared queries over each molecule.
+
+        Pools *before* projecting: :math:`\sum_i a_{hi} (W_{v,h} y_i + b_{v,h}) = W_{v,h} (\sum_i a_{hi} y_i) + b_{v,h}`,
+        so values are projected once per molecule instead of once per atom.
+        """
+        k, c, heads = queries.size(0), self.channels, self.heads
+        d = c // heads
+        # Softmax and weighted sum on a padded [M', n_max, .] copy: two dense ops instead of
+        # several per block; padding gets -inf logits (zero weight).
+        scores = layout.pad(self.seed_scores(queries, y), float("-inf"))  # [M', n_max, k*H]
+        a = scores.softmax(dim=1)
+        p = self._dropout()
+        if p > 0:
+            a = F.dropout(a, p)
+        pooled = torch.bmm(a.transpose(1, 2), layout.pad(y, 0.0)).view(-1, k, heads, c)  # [M', k, H, C]
+        _, w_v = self.in_proj_weight.split([2 * c, c])
+        b_v = self.in_proj_bias[2 * c:].view(heads, d)
+        out = torch.einsum("mkhc,hdc->mkhd", pooled, w_v.view(heads, d, c))
+        if p > 0:  # dropped-out weights no longer sum to one
+            out = out + a.sum(dim=1).view(-1, k, heads, 1) * b_v
+        else:
+            out = out + b_v
+        return out.reshape(-1, k, c)
+
+    def pool_packed(self, queries: Tensor, y: Tensor, layout: SetLayout) -> Tensor:
+        """MAB(S, Y) with the same ``[k, C]`` queries for every molecule over sorted packed keys ``y``.
+
+        Returns ``[M, k, C]`` in molecule order (empty molecule slots see no keys: zero attention).
+        """
+        attended = layout.molecules_to_batch_order(self.attend_seeds(queries, y, layout))
         return self._feed_forward(queries.unsqueeze(0).expand(layout.num_molecules, -1, -1), attended)
 
     def pool_weights_packed(self, queries: Tensor, y: Tensor, batch: Tensor, num_molecules: int) -> Tensor:
-        """Attention ``[num_atoms, heads, k]`` of the queries over each molecule's atoms (softmax per molecule)."""
-        w_q, w_k, _ = self.in_proj_weight.chunk(3)
-        b_q, b_k, _ = self.in_proj_bias.chunk(3)
-        d = self.channels // self.heads
-        q = F.linear(queries, w_q, b_q).view(-1, self.heads, d)  # [k, H, d]
-        k = F.linear(y, w_k, b_k).view(-1, self.heads, d)  # [N, H, d]
-        scores = torch.einsum("nhd,khd->nhk", k, q) / math.sqrt(d)
+        """Attention ``[num_atoms, heads, k]`` of the queries over each molecule's atoms (softmax per molecule).
+
+        ``y`` and ``batch`` may be in any atom order (e.g. the batch's).
+        """
+        scores = self.seed_scores(queries, y).view(y.size(0), -1, self.heads).transpose(1, 2)
         return softmax(scores, batch, num_nodes=num_molecules, dim=0)
+
+    def cross_packed(self, x: Tensor, h: Tensor, layout: SetLayout) -> Tensor:
+        """MAB(X, H): each sorted packed atom attends to its molecule's rows of ``h`` ``[M', m, C]``."""
+        c, heads = self.channels, self.heads
+        w_q, w_kv = self.in_proj_weight.split([c, 2 * c])
+        b_q, b_kv = self.in_proj_bias.split([c, 2 * c])
+        q = F.linear(x, w_q, b_q)
+        kv = F.linear(h, w_kv, b_kv)  # [M', m, 2C]
+        outs = []
+        for (blk_q, (_, m0, b, n)) in layout.blocks(q):
+            k, v = kv[m0:m0 + b].chunk(2, dim=-1)
+            o = F.scaled_dot_product_attention(_heads(blk_q, heads), _heads(k, heads), _heads(v, heads),
+                                               dropout_p=self._dropout())
+            outs.append(o.transpose(1, 2).reshape(b * n, c))
+        return self._feed_forward(x, torch.cat(outs))
 
     def attention_weights(self, x: Tensor, y: Tensor, y_mask: Optional[Tensor] = None) -> Tensor:
         """Softmax attention ``[B, heads, Nx, Ny]`` of queries ``x`` over keys ``y`` (padded keys get 0)."""
@@ -339,76 +574,42 @@ class MultiheadAttentionBlock(torch.nn.Module):
         return f"channels={self.channels}, heads={self.heads}, layer_norm={self.norm1 is not None}"
 
 
+class InducedSetAttentionBlock(torch.nn.Module):
+    r"""Induced set attention block (ISAB, Lee et al. 2019): :math:`\mathrm{MAB}(X, \mathrm{MAB}(I, X))`.
 
-class SetLayout:
-    """Where each molecule's atoms sit in the packed ``[num_atoms, C]`` tensor.
-
-    Molecules are grouped into *size buckets* (sorted by size; a new bucket starts
-    when a molecule is more than ``max_ratio`` times larger than the bucket's
-    smallest) so that attention runs on small dense blocks with little padding,
-    while every linear layer runs on the packed atoms with no padding at all.
-
-    Attributes:
-        buckets: list of ``(molecules, index, mask)``: molecule ids ``[Bb]``, atom
-            indices ``[Bb, nb]`` into the packed tensor (padding points at a valid
-            atom), and the padding mask (``None`` when all sizes in the bucket are equal).
-        gather: all buckets' atom indices, concatenated (see :meth:`split`).
-        inverse: permutation taking the buckets' concatenated valid rows back to packed order.
-        molecule_inverse: same for per-molecule rows (molecules with zero atoms excluded).
+    ``m`` learnable induced points :math:`I` attend over each molecule's atoms, then
+    every atom attends to its molecule's ``m`` results: cost and memory
+    :math:`O(n m)` per molecule instead of a SAB's :math:`O(n^2)`.
     """
 
-    def __init__(self, batch: Tensor, num_molecules: int, max_ratio: float = 1.1):
-        device = batch.device
-        counts = torch.bincount(batch, minlength=num_molecules)
-        starts = torch.cumsum(counts, 0) - counts
-        sizes = counts.tolist()  # one host sync per forward, to plan the buckets
-        order = sorted((m for m in range(num_molecules) if sizes[m] > 0), key=sizes.__getitem__)
-        groups: list = []
-        for m in order:
-            if groups and sizes[m] <= max(sizes[groups[-1][0]] * max_ratio, sizes[groups[-1][0]] + 1):
-                groups[-1].append(m)
-            else:
-                groups.append([m])
-        self.num_molecules = num_molecules
-        self.counts = counts
-        self.buckets = []
-        flat, mols = [], []
-        for group in groups:
-            g = torch.tensor(group, device=device)
-            n_max = sizes[group[-1]]
-            local = torch.arange(n_max, device=device)
-            mask = local[None, :] < counts[g][:, None]
-            index = starts[g][:, None] + torch.where(mask, local[None, :], 0)
-            equal = sizes[group[0]] == n_max
-            self.buckets.append((g, index, None if equal else mask))
-            flat.append(index.reshape(-1) if equal else index[mask])
-            mols.append(g)
-        # One gather for all buckets (a gather per bucket would cost a full-size
-        # zero-fill per bucket in the backward pass).
-        self.gather = torch.cat([index.reshape(-1) for _, index, _ in self.buckets]) if flat else batch.new_zeros(0)
-        self.bucket_shapes = [tuple(index.shape) for _, index, _ in self.buckets]
-        self.inverse = torch.argsort(torch.cat(flat)) if flat else batch.new_zeros(0)
-        self.molecules = torch.cat(mols) if mols else batch.new_zeros(0)
+    def __init__(self, channels: int, num_induced_points: int, heads: int = 1, layer_norm: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        if num_induced_points < 1:
+            raise ValueError(f"num_induced_points must be >= 1, got {num_induced_points}")
+        self.induced = Parameter(torch.empty(1, num_induced_points, channels))
+        self.mab1 = MultiheadAttentionBlock(channels, heads, layer_norm, dropout)
+        self.mab2 = MultiheadAttentionBlock(channels, heads, layer_norm, dropout)
+        self.reset_parameters()
 
+    def reset_parameters(self):
+        torch.nn.init.xavier_uniform_(self.induced)
+        self.mab1.reset_parameters()
+        self.mab2.reset_parameters()
 
-    def split(self, packed: Tensor):
-        """Yield ``(dense [Bb, nb, C], mask)`` per bucket from packed rows, with a single gather."""
-        # torch.split (not slicing): its backward is one concatenation, not a zero-fill per bucket.
-        chunks = packed.index_select(0, self.gather).split([b * n for b, n in self.bucket_shapes])
-        for chunk, (_, _, mask), (b, n) in zip(chunks, self.buckets, self.bucket_shapes):
-            yield chunk.view(b, n, -1), mask
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Padded ``[B, n, C]`` sets with an optional ``[B, n]`` mask (True = atom)."""
+        h = self.mab1(self.induced.expand(x.size(0), -1, -1), x, y_mask=mask)
+        return self.mab2(x, h, x_mask=mask)
 
+    def forward_packed(self, x: Tensor, layout: SetLayout) -> Tensor:
+        seeds = self.induced[0]
+        h = self.mab1._feed_forward(seeds.unsqueeze(0).expand(layout.num_present, -1, -1),
+                                    self.mab1.attend_seeds(seeds, x, layout))  # [M', m, C]
+        return self.mab2.cross_packed(x, h, layout)
 
-def _heads(t: Tensor, heads: int) -> Tensor:
-    """``[B, n, C] -> [B, heads, n, C / heads]``."""
-    b, n, c = t.shape
-    return t.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def _merge(t: Tensor) -> Tensor:
-    """``[B, heads, n, d] -> [B, n, heads * d]``."""
-    b, h, n, d = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * d)
+    def extra_repr(self) -> str:
+        return f"num_induced_points={self.induced.size(1)}"
 
 
 class AttentionPooling(Readout):
@@ -420,8 +621,8 @@ class AttentionPooling(Readout):
         \mathrm{ABP}(X) &= \mathrm{Linear}_\phi\big(\mathrm{SAB}^{n_{dec}}(\mathrm{PMA}_k(Z))\big)
 
     with :math:`S_k` ``k`` learnable seed vectors; the ``k`` outputs are averaged
-    (``concat=False``, the paper's choice) or concatenated. Padding is masked in
-    every attention, so results do not depend on batch composition.
+    (``concat=False``, the paper's choice) or concatenated. Padding is never
+    materialised, so results do not depend on batch composition.
 
     Args:
         in_channels: per-atom feature width.
@@ -429,7 +630,7 @@ class AttentionPooling(Readout):
             ``k * hidden_channels`` with ``concat=True`` and no output projection).
         hidden_channels: attention width (default ``in_channels``).
         heads: attention heads (default ``8``); must divide ``hidden_channels``.
-        num_encoder_blocks: SABs in the encoder (default ``2``).
+        num_encoder_blocks: SABs (or ISABs) in the encoder (default ``2``).
         num_seeds: PMA seed vectors ``k`` (default ``1``).
         num_decoder_blocks: SABs in the decoder (default ``1``).
         concat: concatenate the ``k`` seed outputs instead of averaging (default ``False``).
@@ -437,12 +638,17 @@ class AttentionPooling(Readout):
         dropout: attention dropout (default ``0``).
         input_projection: apply the input :math:`\mathrm{Linear}_\phi` (default ``True``).
         output_projection: apply the output :math:`\mathrm{Linear}_\phi` (default ``True``).
-        bucket_ratio: size ratio within one attention bucket (default ``1.1``; see :class:`SetLayout`).
+        num_induced_points: if given, the encoder uses induced set attention blocks
+            (:class:`InducedSetAttentionBlock`) with this many induced points instead of
+            SABs: memory linear in the number of atoms (default ``None``: SABs, the paper).
+        bucket_ratio: accepted for backward compatibility and ignored (attention now
+            runs on blocks of equal-size molecules, with no padding at all).
 
-    Implementation: linear layers run on the packed atoms (no padding); attention
-    runs per size bucket through fused ``scaled_dot_product_attention``, with
-    padding masked as keys. This is exact (same numbers as a padded implementation)
-    and avoids most of the padding waste of ``to_dense_batch``.
+    Implementation (exact, see ``benchmarks/README.md``): atoms are sorted by molecule
+    size once, linear layers run on all packed atoms, self-attention runs as one fused
+    flash-attention call per block of equal-size molecules (zero-copy views, no masks),
+    and the PMA is computed on the packed keys with a per-molecule softmax, projecting
+    keys and values per molecule instead of per atom.
     """
 
     weighted = True
@@ -452,7 +658,7 @@ class AttentionPooling(Readout):
                  num_encoder_blocks: int = 2, num_seeds: int = 1, num_decoder_blocks: int = 1,
                  concat: bool = False, layer_norm: bool = False, dropout: float = 0.0,
                  input_projection: bool = True, output_projection: bool = True,
-                 bucket_ratio: float = 1.1):
+                 num_induced_points: Optional[int] = None, bucket_ratio: float = 1.0):
         hidden = hidden_channels or in_channels
         if hidden % heads != 0:
             raise ValueError(f"heads ({heads}) must divide hidden_channels ({hidden})")
@@ -460,6 +666,8 @@ class AttentionPooling(Readout):
             raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
         if not input_projection and hidden != in_channels:
             raise ValueError("without an input projection hidden_channels must equal in_channels")
+        if num_induced_points is not None and num_induced_points < 1:
+            raise ValueError(f"num_induced_points must be >= 1, got {num_induced_points}")
         pooled = hidden * num_seeds if concat else hidden
         if out_channels is None:
             out_channels = hidden if output_projection else pooled
@@ -467,10 +675,16 @@ class AttentionPooling(Readout):
             raise ValueError(f"without an output projection out_channels must be {pooled}")
         super().__init__(in_channels, out_channels)
         self.hidden_channels, self.heads, self.num_seeds, self.concat = hidden, heads, num_seeds, concat
+        self.num_induced_points = num_induced_points
         self.bucket_ratio = bucket_ratio
         self.input_lin = Linear(in_channels, hidden) if input_projection else None
-        self.encoders = torch.nn.ModuleList(
-            MultiheadAttentionBlock(hidden, heads, layer_norm, dropout) for _ in range(num_encoder_blocks))
+        if num_induced_points is None:
+            self.encoders = torch.nn.ModuleList(
+                MultiheadAttentionBlock(hidden, heads, layer_norm, dropout) for _ in range(num_encoder_blocks))
+        else:
+            self.encoders = torch.nn.ModuleList(
+                InducedSetAttentionBlock(hidden, num_induced_points, heads, layer_norm, dropout)
+                for _ in range(num_encoder_blocks))
         self.pma_lin = Linear(hidden, hidden)
         self.seeds = Parameter(torch.empty(1, num_seeds, hidden))
         self.pma = MultiheadAttentionBlock(hidden, heads, layer_norm, dropout)
@@ -487,17 +701,23 @@ class AttentionPooling(Readout):
         for block in (*self.encoders, self.pma, *self.decoders):
             block.reset_parameters()
 
-    def _encode(self, x: Tensor, batch: Tensor, dim_size: int) -> Tuple[Tensor, SetLayout]:
-        """Packed encoded atoms ``Linear_phi(SAB^n(Linear_phi(X)))``, ready as PMA keys, and their layout."""
-        layout = SetLayout(batch, dim_size, self.bucket_ratio)
+    def _encode_sorted(self, x: Tensor, batch: Tensor, dim_size: int) -> Tuple[Tensor, SetLayout]:
+        """PMA keys ``Linear_phi(SAB^n(Linear_phi(X)))`` in the layout's size-sorted atom order."""
+        layout = SetLayout(batch, dim_size)
+        x = layout.to_sorted(x)
         if self.input_lin is not None:
-            x = self.input_lin(x).relu()
+            x = self.input_lin(x).relu_()
         for block in self.encoders:
             x = block.forward_packed(x, layout)
-        return self.pma_lin(x).relu(), layout
+        return self.pma_lin(x).relu_(), layout
+
+    def _encode(self, x: Tensor, batch: Tensor, dim_size: int) -> Tuple[Tensor, SetLayout]:
+        """Encoded atoms (the PMA keys) in the batch's atom order, and their layout."""
+        keys, layout = self._encode_sorted(x, batch, dim_size)
+        return layout.atoms_to_batch_order(keys), layout
 
     def pool(self, x, batch, dim_size):
-        keys, layout = self._encode(x, batch, dim_size)
+        keys, layout = self._encode_sorted(x, batch, dim_size)
         h = self.pma.pool_packed(self.seeds[0], keys, layout)  # [num_molecules, k, C]
         for block in self.decoders:
             h = block(h, h)
@@ -509,12 +729,12 @@ class AttentionPooling(Readout):
     def atom_weights(self, x: Tensor, batch: Optional[Tensor] = None) -> Tensor:
         """PMA attention over each molecule's atoms, averaged over heads and seeds."""
         batch, dim_size = self._check(x, batch, None)
-        keys, _ = self._encode(x, batch, dim_size)
+        keys, layout = self._encode(x, batch, dim_size)
         return self.pma.pool_weights_packed(self.seeds[0], keys, batch, dim_size).mean(dim=(1, 2))
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", hidden_channels={self.hidden_channels}, heads={self.heads}, "
-                f"num_seeds={self.num_seeds}, concat={self.concat}")
+                f"num_seeds={self.num_seeds}, concat={self.concat}, num_induced_points={self.num_induced_points}")
 
 
 READOUTS = {
