@@ -186,9 +186,9 @@ def _print_tables(summary, baseline: str, candidate: str, paper: bool) -> None:
             joined = stats.with_paper(summary)
             joined = joined[joined["paper_task"].notna()]
             if len(joined):
-                cols = ["dataset", "task", "backbone", "readout", "mae_mean", "mae_std", "unit",
+                cols = ["dataset", "paper_task", "backbone", "readout", "mae_mean", "mae_std", "unit",
                         "ours_in_paper_units_mean", "paper_mean", "paper_std", "paper_unit"]
-                print("\nBeside the paper's Table 1:")
+                print("\nBeside the paper's Table 1 (test MAE; the paper's 'meV' for QM7b/QM8 are milli-Hartree):")
                 print(joined[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
@@ -197,7 +197,10 @@ def _cmd_table(args) -> int:
 
     if args.paper_only:
         table = stats.paper_table(args.paper_only)
-        print(table.to_string(index=False))
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 250):
+            print(table.to_string(index=False))
         if str(args.paper_only) == "1":
             for bb in ("schnet", "dimenet++"):
                 ch = stats.paper_relative_changes(bb)
@@ -311,18 +314,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     logger = logging.getLogger("abp_core")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     from .config import ConfigError
 
     expected = (ConfigError, UsageError, FileNotFoundError)
     try:
         from .data import DatasetError
+        from .predict import MoleculeFileError
+        from .train import CheckpointError
 
-        expected = expected + (DatasetError,)
+        expected = expected + (DatasetError, CheckpointError, MoleculeFileError)
     except ImportError:  # pragma: no cover
         pass
     try:
@@ -346,6 +351,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("abp: interrupted (re-run the same command to resume from last.ckpt)", file=sys.stderr)
         return 130
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (not at creation)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _one_line(exc: BaseException) -> str:

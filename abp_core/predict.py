@@ -11,8 +11,9 @@ hydrogens kept) or ASE (``.xyz``/``.extxyz``, multi-frame; each frame parsed on 
 broken frame does not lose the others). Coordinates must be in Å.
 
 A molecule is not predicted -- but reported by name with a warning and a ``status`` -- when it
-cannot be read (``unreadable``), has no 3D coordinates (``no_3d``: no conformer, a 2D SDF, or all z
-equal to 0), lacks explicit hydrogens (``implicit_hydrogens``), holds an element the model never saw
+cannot be read (``unreadable``), has no 3D coordinates (``no_3d``: no conformer, a 2D SDF record, or
+all z equal with hydrogens at depiction distances -- a planar molecule such as water in the xy-plane
+is accepted), lacks explicit hydrogens (``implicit_hydrogens``), holds an element the model never saw
 in training (``unknown_element``) or has overlapping atoms (``bad_geometry``). All other molecules
 are predicted (``status == "ok"``).
 """
@@ -30,11 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["Molecule", "PredictionResult", "PredictionWarning", "read_molecules", "predict", "predict_file"]
+__all__ = ["MoleculeFileError", "Molecule", "PredictionResult", "PredictionWarning", "read_molecules", "predict", "predict_file"]
 
 
 class PredictionWarning(UserWarning):
     """A molecule that could not be predicted (see its ``status``)."""
+
+
+class MoleculeFileError(ValueError):
+    """A molecule file that cannot be used at all (unsupported format)."""
 
 
 @dataclass
@@ -61,6 +66,29 @@ class PredictionResult:
 # ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
+_FLAT_MESSAGE = ("2D coordinates (all z equal, and hydrogens drawn at depiction distances or absent); "
+                 "embed a 3D conformer first")
+
+
+def _looks_2d(z: np.ndarray, pos: np.ndarray) -> bool:
+    """All atoms in one z-plane *and* not a plausible planar molecule.
+
+    Planar molecules (water, benzene) legitimately have z = 0 in a 3D file oriented by symmetry; a 2D
+    depiction gives itself away by its hydrogens, drawn as far from their neighbour as any bond (RDKit:
+    1.5 Å, real X-H bonds are below 1.25 Å). Without hydrogens a non-linear planar structure is taken as 2D.
+    """
+    if len(z) < 3 or not np.allclose(pos[:, 2], pos[0, 2], atol=1e-4):
+        return False
+    centred = pos - pos.mean(0)
+    if np.linalg.matrix_rank(centred, tol=1e-3) <= 1:  # linear molecules are 3D-valid in any orientation
+        return False
+    h = np.flatnonzero(z == 1)
+    if len(h) == 0:
+        return True
+    d = np.linalg.norm(pos[h, None, :] - pos[None, :, :], axis=-1)
+    d[np.arange(len(h)), h] = np.inf
+    return bool((d.min(1) > 1.25).any())
+
 def _symbol(z: int) -> str:
     from ase.data import chemical_symbols
 
@@ -91,9 +119,8 @@ def _read_sdf(path: Path) -> List[Molecule]:
                 continue
             conf = mol.GetConformer()
             pos = np.array(conf.GetPositions(), dtype=np.float64).reshape(-1, 3)
-            if not conf.Is3D() or (len(z) > 2 and np.allclose(pos[:, 2], 0.0)):
-                out.append(Molecule(name, z, pos, "no_3d", "2D coordinates (all z = 0 or a 2D SDF); "
-                                                              "embed a 3D conformer first"))
+            if not conf.Is3D():
+                out.append(Molecule(name, z, pos, "no_3d", "a 2D SDF record; embed a 3D conformer first"))
                 continue
             implicit = 0
             try:
@@ -106,6 +133,9 @@ def _read_sdf(path: Path) -> List[Molecule]:
                 out.append(Molecule(name, z, pos, "implicit_hydrogens",
                                     f"{implicit} implicit hydrogen(s); the model needs explicit H with "
                                     f"3D positions (RDKit: Chem.AddHs(mol, addCoords=True))"))
+                continue
+            if _looks_2d(z, pos):
+                out.append(Molecule(name, z, pos, "no_3d", _FLAT_MESSAGE))
                 continue
             out.append(Molecule(name, z, pos))
         return out
@@ -161,8 +191,8 @@ def _read_xyz(path: Path) -> List[Molecule]:
             continue
         z = atoms.get_atomic_numbers().astype(np.int64)
         pos = atoms.get_positions().astype(np.float64)
-        if len(z) > 2 and np.allclose(pos[:, 2], 0.0):
-            out.append(Molecule(name, z, pos, "no_3d", "all z coordinates are 0 (2D structure)"))
+        if _looks_2d(z, pos):
+            out.append(Molecule(name, z, pos, "no_3d", _FLAT_MESSAGE))
             continue
         out.append(Molecule(name, z, pos))
     return out
@@ -178,7 +208,7 @@ def read_molecules(path: Union[str, Path]) -> List[Molecule]:
         return _read_sdf(path)
     if suffix in (".xyz", ".extxyz"):
         return _read_xyz(path)
-    raise ValueError(f"{path}: unsupported molecule format {suffix!r}; use .sdf/.mol or .xyz/.extxyz")
+    raise MoleculeFileError(f"{path}: unsupported molecule format {suffix!r}; use .sdf/.mol or .xyz/.extxyz")
 
 
 def _check(mol: Molecule, known: Sequence[int]) -> Molecule:
