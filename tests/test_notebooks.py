@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +16,18 @@ import abp_core.notebooks as nb
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """nb.parameters() in smoke mode sets torch to one thread; restore it for the other tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 EXPECTED = ["00_quickstart", "01_qm7b", "02_qm8", "03_qm9_homo_lumo", "04_qmugs", "05_md17", "06_oe62_owa",
             "07_qm7b_wa_vs_abp", "08_attention_vs_orbitals"]
 
@@ -175,6 +185,9 @@ def test_parameters_smoke_overrides_only_in_smoke_mode():
     assert nb.parameters(_namespace(), overrides, env={}).epochs == 10
     p = nb.parameters(_namespace(), overrides, env={"ABP_SMOKE": "1"})
     assert p.smoke is True and p.epochs == 1 and p.readouts == ["abp"]
+    import torch
+
+    assert torch.get_num_threads() == 1  # smoke mode: tiny models, one thread
     p = nb.parameters(_namespace(smoke=True), overrides, env={})
     assert p.epochs == 1
     with pytest.raises(nb.ParameterError, match="unknown notebook parameter 'nope'"):
@@ -319,21 +332,26 @@ def test_parse_grid_values():
         nb.parse_grid_values("1x=3")
 
 
-def test_cli_notebooks_run_and_list(tmp_path):
-    """`abp notebooks run/list` through the register() hook on a standalone argparse parser."""
-    import argparse
+def test_cli_notebooks_run_and_list(tmp_path, capsys):
+    """`abp notebooks run/list` through the register() hook and abp_core.cli.main."""
+    from abp_core import cli
 
-    parser = argparse.ArgumentParser(prog="abp")
-    sub = parser.add_subparsers(dest="command")
-    nb.register(sub)
+    if "notebooks" not in cli.SUBCOMMANDS:  # until cli.py registers it itself
+        cli.register_subcommand("notebooks", nb.register)
     source = _throwaway_notebook(tmp_path / "tiny.ipynb")
-    args = parser.parse_args(["notebooks", "run", str(source), "-p", "a=1,2", "-p", "b=y", "--out", str(tmp_path / "g")])
-    assert args.handler(args) == 1  # one of the two runs fails deliberately
-    assert (tmp_path / "g" / "grid.csv").is_file()
-    args = parser.parse_args(["notebooks", "list"])
-    assert args.handler(args) == 0
-    args = parser.parse_args(["notebooks"])
-    assert args.handler(args) == 2
+    code = cli.main(["notebooks", "run", str(source), "-p", "a=1,2", "-p", "b=y", "--out", str(tmp_path / "g")])
+    assert code == 1  # one of the two runs fails deliberately
+    out = capsys.readouterr().out
+    assert "1/2 runs ok" in out and "deliberate failure" in out
+    grid = (tmp_path / "g" / "grid.csv").read_text()
+    assert "failed" in grid and "tiny__a=2__b=y" in grid
+    assert cli.main(["notebooks", "run", str(source), "-p", "c=1", "--out", str(tmp_path / "g2")]) == 2
+    assert "no parameter(s) ['c']" in capsys.readouterr().err
+    assert cli.main(["notebooks", "run", "no_such_notebook", "--out", str(tmp_path / "g3")]) == 2
+    assert cli.main(["notebooks", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "00_quickstart.ipynb" in listing and "epochs: int = 12" in listing
+    assert cli.main(["notebooks"]) == 2
 
 
 def test_notebook_parameters_of_quickstart():
