@@ -84,8 +84,9 @@ class DataConfig:
             for the given seed: QM7b seeds 23887, 386333, 514094, 572909, 598587; OE62 0-4).
         split_seed: seed of the random split (or which paper split).
         split_fractions: train/val/test fractions of a random split (must sum to 1).
-        subset: use only this many molecules (a seeded random subset drawn before the split; with
-            ``split="paper"`` each part is cut to its share). ``None`` = all.
+        subset: use only this many molecules: a fixed random subset (the same for every split seed),
+            then split; with ``split="paper"`` each part of the paper's split is cut to its share by a
+            permutation seeded with ``split_seed``. ``None`` = all.
         root: data root (default: ``$ABP_DATA_DIR``, else the user cache).
         dataset_kwargs: extra keyword arguments for the loader (e.g. ``{"molecule": "aspirin"}``).
         orbital_labels: path of saved :class:`abp_core.orbitals.OrbitalLabels` attached as

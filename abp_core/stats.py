@@ -19,6 +19,17 @@ divides by the *candidate* (ABP) instead, ``100 * (sum - abp) / abp`` -- e.g. QM
 
 Standard deviations are sample standard deviations (``ddof=1``) over the split seeds.
 
+Two inconsistencies in the paper's own numbers (both visible from the shipped tables):
+
+* the QMugs total-energy changes quoted in the text (58.97% / 19.34%) are relative to the sum
+  baseline, unlike every other percentage there;
+* Table 4 ("SchNet": sum / WA / ABP on the QM7b HOMO tasks) lists as ABP the *DimeNet++* ABP errors
+  of Table 1 (2.342 / 2.022 / 1.678 meV), not the SchNet ABP ones (2.405 / 2.178 / 1.752).
+
+The Wilcoxon p-values quoted in the paper (5.4e-6 SchNet, 1.65e-5 DimeNet++) cannot be recomputed
+from Table 1's means: scipy on the 40 paired task means gives 7.0e-8 and 9.3e-7 (the paper's test
+presumably ran on per-split values, which were not published).
+
 Paper units: the unit column of Table 1 is as printed. For QM7b (and QM8) the printed "meV" are
 milli-Hartree of the released Hartree values (see the reference README); Table 1's row
 "Atom. energy – ZINDO/s" is QM7b's atomization energy (DFT/PBE0) -- the paper's text quotes its

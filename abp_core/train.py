@@ -163,13 +163,15 @@ class LossTerm:
     weight: float = 1.0
 
 
-def _target_loss(kind: str):
-    loss = {"l1": F.l1_loss, "mse": F.mse_loss}[kind]
+class _TargetLoss:
+    """L1/MSE between predictions and standardised targets (a class, so that tasks pickle for ddp_spawn)."""
 
-    def fn(task: "AtomisticTask", batch, pred, weights):
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, task: "AtomisticTask", batch, pred, weights):
+        loss = F.l1_loss if self.kind == "l1" else F.mse_loss
         return loss(pred, task.standardize(batch.y.to(pred.dtype)))
-
-    return fn
 
 
 def _orbital_loss(task: "AtomisticTask", batch, pred, weights):
@@ -206,7 +208,7 @@ class AtomisticTask(L.LightningModule):
         self.register_buffer("target_std", torch.tensor(list(target_std), dtype=torch.float32))
         self.target_names = list(target_names)
         self.is_owa = m.readout == "owa"
-        self.loss_terms: List[LossTerm] = [LossTerm("loss", _target_loss(t.loss))]
+        self.loss_terms: List[LossTerm] = [LossTerm("loss", _TargetLoss(t.loss))]
         if self.is_owa:
             self.loss_terms.append(LossTerm("orbital_loss", _orbital_loss))
         self.val_errors = RegressionErrors(num_targets)
@@ -217,7 +219,6 @@ class AtomisticTask(L.LightningModule):
         for metric in self.train_means.values():
             metric.persistent(True)  # part of mid-epoch checkpoints: the epoch means survive a resume
         self.last_epoch_summary: Dict[str, float] = {}
-        self._saved: List[Tuple[int, int]] = []  # (epoch, global_step) of checkpoints written by this process
 
     # ---- standardisation ---------------------------------------------------------------------
     def standardize(self, y: torch.Tensor) -> torch.Tensor:
@@ -324,7 +325,6 @@ class AtomisticTask(L.LightningModule):
         return opt
 
     def on_save_checkpoint(self, checkpoint):
-        self._saved.append((int(self.current_epoch), int(self.global_step)))
         checkpoint["abp_version"] = __version__
 
     # ---- NaN handling ------------------------------------------------------------------------
@@ -353,7 +353,11 @@ class AtomisticTask(L.LightningModule):
         if run_dir is None or not (run_dir / LAST).exists():
             return "No checkpoint had been written yet."
         msg = ""
-        if trainer.is_global_zero and diverged and self._saved and self._saved[-1][1] == int(self.global_step):
+        try:
+            saved_step = int(torch.load(run_dir / LAST, map_location="cpu", weights_only=True).get("global_step", -1))
+        except Exception:  # noqa: BLE001
+            saved_step = -1
+        if trainer.is_global_zero and diverged and saved_step == int(self.global_step):
             # last.ckpt holds exactly the weights that produced the non-finite loss: restore the previous one
             prev = run_dir / LAST_PREVIOUS
             os.replace(run_dir / LAST, run_dir / "last-nonfinite.ckpt")
@@ -525,6 +529,9 @@ def _resolve_targets(dataset, targets) -> Tuple[List[int], List[str], List[str]]
     return cols, [names[c] for c in cols], [units[c] for c in cols]
 
 
+_SUBSET_SEED = 0
+
+
 class AtomisticDataModule(L.LightningDataModule):
     """Dataset, split, target selection, standardiser (fitted on train only) and loaders.
 
@@ -564,15 +571,11 @@ class AtomisticDataModule(L.LightningDataModule):
         y_train = y[torch.as_tensor(train, dtype=torch.long)]
         if not bool(torch.isfinite(y_train).all()):
             raise ValueError("training targets contain NaN/inf; the dataset should have refused them")
-        std = y_train.std(0, unbiased=False)
-        self.target_mean = y_train.mean(0).tolist()
-        self.target_std = torch.where(std > 0, std, torch.ones_like(std)).tolist()
-        try:
-            from .data.splits import Standardizer
+        from .data.splits import Standardizer
 
-            self.standardizer = Standardizer(self.target_mean, self.target_std)
-        except ImportError:  # pragma: no cover
-            self.standardizer = None
+        self.standardizer = Standardizer().fit(y_train)  # training rows only; population std, constant -> 1
+        self.target_mean = self.standardizer.mean.tolist()
+        self.target_std = self.standardizer.std.tolist()
         self.train_elements = _elements(ds, train)
         transforms = [_SelectColumns(cols)]
         if d.orbital_labels:
@@ -632,7 +635,8 @@ class AtomisticDataModule(L.LightningDataModule):
         if d.subset is not None:
             if d.subset > n:
                 raise ConfigError(f"data.subset: {d.subset} molecules requested, the dataset has {n}")
-            pick = np.sort(np.random.Generator(np.random.PCG64(d.split_seed + 1)).permutation(n)[:d.subset])
+            # the subset is the same for every split seed (like the full dataset); only the split varies
+            pick = np.sort(np.random.Generator(np.random.PCG64(_SUBSET_SEED)).permutation(n)[:d.subset])
             a, b, c = random_split(len(pick), d.split_seed, tuple(d.split_fractions))
             parts = (pick[a], pick[b], pick[c])
         else:
@@ -1002,29 +1006,35 @@ def run_training(config: Union[Config, Dict[str, Any]], *, dataset=None, transfo
         return RunResult(run_dir, {}, resumed_from=resumed_from, is_global_zero=False)
 
     # ---- evaluation on rank 0, in fp32, one process ----------------------------------------------
-    best_cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val_loss"), None)
-    best_path = Path(best_cb.best_model_path or "") if best_cb is not None else None
-    if best_path is None or not best_path.is_file():
-        best_path = run_dir / BEST if (run_dir / BEST).exists() else last
-    best_ck = torch.load(best_path, map_location="cpu", weights_only=True)
-    names, units = dm.target_names, dm.target_units
-    bs = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
-    results, pred_rows = {}, []
+    # Counters and states come from the checkpoints: with ddp_spawn the main process only gets the weights.
     last_task = trainer.lightning_module
     last_state = {k: v.detach().cpu().clone() for k, v in last_task.state_dict().items()}
-    best_task = load_task(best_path)
-    final_task = load_task(best_path)
+    last_ck = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else {}
+    cb_states = last_ck.get("callbacks", {})
+    rows = history.rows or list(cb_states.get("abp_history", {}).get("rows", []))
+    es_state = next((v for k, v in cb_states.items() if k.startswith("EarlyStopping")), {})
+    best_state = next((v for k, v in cb_states.items() if k.startswith("ModelCheckpoint{'monitor': 'val_loss'")), {})
+    best_path = run_dir / BEST
+    names, units = dm.target_names, dm.target_units
+    bs = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+    final_task = AtomisticTask(**dict(last_task.hparams))
     final_task.load_state_dict(last_state)
+    if best_path.exists():
+        best_ck = torch.load(best_path, map_location="cpu", weights_only=True)
+        best_task = load_task(best_path)
+    else:  # training ended before the first validation (e.g. trainer.max_steps): report the final weights
+        best_ck, best_task = {}, final_task
+    results, pred_rows = {}, []
     for tag, model in (("best", best_task), ("last", final_task)):
         for split, ds in (("val", dm.val_set), ("test", dm.test_set)):
             res = evaluate(model, ds, bs)
             results[f"{split}_{tag}"] = regression_metrics(res["y_true"], res["y_pred"], names)
             if tag == "best":
                 pred_rows.append((split, _prediction_rows(res, split, tag, names, units)))
-    for split, rows in pred_rows:
-        _write_csv(run_dir / f"predictions_{split}.csv", rows)
-    es = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
-    train_time = float(np.nansum([r.get("epoch_time_s", float("nan")) for r in history.rows]))
+    for split, pred in pred_rows:
+        _write_csv(run_dir / f"predictions_{split}.csv", pred)
+    train_time = float(np.nansum([r.get("epoch_time_s", float("nan")) for r in rows]))
+    best_score = best_state.get("best_model_score")
     out = {
         "run_dir": str(run_dir),
         "fingerprint": fingerprint,
@@ -1040,13 +1050,12 @@ def run_training(config: Union[Config, Dict[str, Any]], *, dataset=None, transfo
         "metrics": results,
         "protocol": ("test_best/val_best: weights of the best validation-loss checkpoint (best.ckpt), used for "
                      "reporting; test_last/val_last: final weights, which the paper's code reported"),
-        "best_checkpoint": best_path.name,
-        "best_epoch": int(best_ck.get("epoch", -1)),
-        "best_val_loss": float(best_cb.best_model_score)
-        if best_cb is not None and best_cb.best_model_score is not None else None,
-        "epochs_trained": int(trainer.current_epoch),
-        "global_step": int(trainer.global_step),
-        "stopped_early": bool(es is not None and es.stopped_epoch > 0),
+        "best_checkpoint": best_path.name if best_ck else None,
+        "best_epoch": int(best_ck.get("epoch", -1)) if best_ck else None,
+        "best_val_loss": float(best_score) if best_score is not None else None,
+        "epochs_trained": len(rows),
+        "global_step": max(int(trainer.global_step), int(last_ck.get("global_step", 0))),
+        "stopped_early": bool(es_state.get("stopped_epoch", 0) > 0),
         "resumed_from": resumed_from,
         "num_parameters": int(sum(p.numel() for p in best_task.parameters())),
         "versions": _versions(),

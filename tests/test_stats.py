@@ -60,6 +60,16 @@ def test_relative_change_reproduces_the_papers_percentages():
         stats.relative_improvement(1.0, 2.0, relative_to="both")
 
 
+def test_table4_abp_column_is_table1_dimenetpp():
+    """A finding documented in abp_core.stats: Table 4's ABP numbers are Table 1's DimeNet++ ABP ones."""
+    t1, t4 = stats.paper_table(1).set_index("task"), stats.paper_table(4)
+    abp = t4[t4["readout"] == "ABP"].set_index("task")["mae_mean"]
+    s = t4[t4["readout"] == "sum"].set_index("task")["mae_mean"]
+    for t4_task, t1_task in (("HOMO (GW)", "HOMO – GW"), ("HOMO (PBE0)", "HOMO – PBE0"), ("HOMO (ZINDO/s)", "HOMO – ZINDO/s")):
+        assert s[t4_task] == t1.loc[t1_task, "schnet_sum_mean"]
+        assert abp[t4_task] == t1.loc[t1_task, "dimenetpp_abp_mean"] != t1.loc[t1_task, "schnet_abp_mean"]
+
+
 def test_wilcoxon_hand_checked_examples():
     # d = [-1, 2, 3, 4, 5, 6]: W- = 1 (rank 1); of the 2^6 = 64 sign patterns, {} and {1} have a
     # negative rank sum <= 1, so the exact two-sided p = 2 * 2/64 = 0.0625.

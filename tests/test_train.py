@@ -220,6 +220,56 @@ def _test_set_from(config):
     return dm.test_set
 
 
+def test_two_targets_and_the_standardiser_from_the_training_split(tmp_path):
+    from abp_core.data import get_dataset
+
+    cfg = tiny_config(tmp_path, subset=100, max_epochs=1).with_overrides(["data.targets=[homo_PBE0, 10]"])
+    res = run_training(cfg)
+    names = ["Highest occupied molecular orbital (PBE0)", "Lowest unoccupied molecular orbital (PBE0)"]
+    m = res.metrics
+    assert m["target_names"] == names and m["target_indices"] == [5, 10] and m["target_units"] == ["Ha", "Ha"]
+    assert set(m["metrics"]["test_best"]) == set(names)
+    pred = pd.read_csv(res.run_dir / "predictions_test.csv")
+    assert pred.groupby("target").size().to_dict() == {names[0]: 10, names[1]: 10}
+    for name in names:
+        sub = pred[pred["target"] == name]
+        assert m["metrics"]["test_best"][name]["mae"] == pytest.approx((sub["y_pred"] - sub["y_true"]).abs().mean())
+    assert {f"val_mae[{n}]" for n in names} <= set(history(res.run_dir).columns)
+    # standardiser: mean / population std of the training rows only
+    train_rows = np.sort(np.asarray(_split_rows(cfg)["train"]))
+    y = get_dataset("qm7b", root=SHARED_DATA).targets(train_rows)[:, [5, 10]].double()
+    assert m["standardizer"]["mean"] == pytest.approx(y.mean(0).tolist(), rel=1e-9)
+    assert m["standardizer"]["std"] == pytest.approx(y.std(0, unbiased=False).tolist(), rel=1e-9)
+    assert m["split_sizes"] == {"train": 80, "val": 10, "test": 10}
+
+
+def _split_rows(cfg):
+    from abp_core.train import AtomisticDataModule
+
+    dm = AtomisticDataModule(cfg)
+    dm.setup()
+    parts = {k: set(map(int, v)) for k, v in dm.split_indices.items()}
+    assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+    return dm.split_indices
+
+
+def test_owa_with_xtb_orbital_labels_from_the_config(tmp_path):
+    """OWA end to end from the config alone: GFN2-xTB HOMO shares attached through data.orbital_labels."""
+    from abp_core.orbitals import label_orbitals
+
+    cfg = tiny_config(tmp_path, "owa", subset=60, max_epochs=1, batch_size=16)
+    rows = np.concatenate([np.asarray(v) for v in _split_rows(cfg.with_overrides(["model.readout=sum"])).values()])
+    from abp_core.data import get_dataset
+
+    molecules = get_dataset("qm7b", root=SHARED_DATA).index_select(torch.as_tensor(rows))
+    labels = label_orbitals(molecules, tmp_path / "homo.npz", orbitals=("homo",), num_workers=1, progress=False)
+    assert len(labels) == 60
+    res = run_training(cfg.with_overrides([f"data.orbital_labels={tmp_path / 'homo.npz'}"]))
+    h = history(res.run_dir)
+    assert (h["train_orbital_loss"] > 0).all() and np.isfinite(h["val_total_loss"]).all()
+    assert res.metrics["config"]["data"]["orbital_labels"] == str(tmp_path / "homo.npz")
+
+
 # ---- resume ------------------------------------------------------------------------------------------
 KILL_SCRIPT = """
 import json, os, sys
@@ -241,14 +291,14 @@ print("RESUMED_FROM", json.dumps(res.resumed_from))
 
 
 @pytest.mark.slow
-def test_hard_kill_mid_epoch_and_resume_exactly(tmp_path):
+def test_hard_kill_mid_epoch_and_resume_exactly(tmp_path, trained):
     """Killed (os._exit) at step 13, resumed from the step-12 checkpoint in the middle of epoch 1.
 
     Asserted: the rerun continues at epoch 1 / step 12 (not from zero), ends at step 24 like an
     uninterrupted run, and its training is the uninterrupted one (see :func:`assert_same_training`).
     Without the exact mid-epoch data position (a plain DataLoader) the losses differ by ~1e-2.
     """
-    ref = run_training(tiny_config(tmp_path / "ref", "abp", checkpoint_every_n_steps=3))
+    ref = trained("abp")  # the same training (checkpoint_every_n_steps does not change it), uninterrupted
     cfg = tiny_config(tmp_path / "killed", "abp", checkpoint_every_n_steps=3)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "kill.py").write_text(KILL_SCRIPT)
@@ -272,14 +322,14 @@ def test_hard_kill_mid_epoch_and_resume_exactly(tmp_path):
         ref.metrics["metrics"]["test_best"][TARGET]["mae"], rel=1e-5)
 
 
-def test_crash_and_resume_from_end_of_epoch_checkpoint(tmp_path):
+def test_crash_and_resume_from_end_of_epoch_checkpoint(tmp_path, trained):
     """An exception at step 13 (no step checkpoints): resume from the epoch-0 checkpoint (step 8)."""
     class Crash(L.Callback):
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == 13:
                 raise RuntimeError("simulated crash")
 
-    ref = run_training(tiny_config(tmp_path / "ref", "wa"))
+    ref = trained("wa")  # uninterrupted reference
     cfg = tiny_config(tmp_path / "crashed", "wa")
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_training(cfg, callbacks=[Crash()])
