@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["radius_graph", "triplets", "RadiusInteractionGraph", "check_batch_vector"]
+__all__ = ["radius_graph", "triplets", "undirected_pairs", "gather_mul_scatter", "RadiusInteractionGraph",
+           "check_batch_vector"]
 
 
 def check_batch_vector(batch: Tensor, num_nodes: int) -> None:
@@ -129,6 +130,85 @@ def triplets(
     idx_i, idx_j, idx_k = col[idx_ji], row[idx_ji], row[idx_kj]
     mask = idx_i != idx_k
     return col, row, idx_i[mask], idx_j[mask], idx_k[mask], idx_kj[mask], idx_ji[mask]
+
+
+def undirected_pairs(edge_index: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Unique unordered atom pairs of a directed graph, for per-pair (distance-only) edge features.
+
+    A radius graph holds both ``j -> i`` and ``i -> j``; anything that depends on the distance
+    alone (radial basis, cutoff, SchNet's filters) is the same for both and can be computed once
+    per pair. Edges whose reverse is missing (e.g. cut by ``max_num_neighbors``) get a pair of
+    their own, so this is exact for any graph.
+
+    Returns:
+        ``(a, b, pair)``: the pairs' atoms ``a < b`` (``[P]`` each) and, per directed edge, the
+        index of its pair (``[E]``).
+    """
+    row, col = edge_index
+    lo, hi = torch.minimum(row, col), torch.maximum(row, col)
+    keys, pair = torch.unique(lo * max(num_nodes, 1) + hi, sorted=True, return_inverse=True)
+    return keys // max(num_nodes, 1), keys % max(num_nodes, 1), pair
+
+
+class _GatherMulScatter(torch.autograd.Function):
+    """``out[dst[e]] += x[src[e]] * w[pair[e]]``, keeping no per-edge tensor for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, src: Tensor, dst: Tensor, pair: Tensor, num_nodes: int):
+        msg = x.index_select(0, src) * w.index_select(0, pair)
+        out = msg.new_zeros(num_nodes, msg.size(1)).index_add_(0, dst, msg)
+        ctx.save_for_backward(x, w, src, dst, pair)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, w, src, dst, pair = ctx.saved_tensors
+        g = grad.index_select(0, dst)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.zeros_like(x).index_add_(0, src, (g * w.index_select(0, pair)).to(x.dtype))
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros_like(w).index_add_(0, pair, (g * x.index_select(0, src)).to(w.dtype))
+        return gx, gw, None, None, None, None
+
+
+class _PairMulScatter(torch.autograd.Function):
+    """``out[a] += x[b] * w``, ``out[b] += x[a] * w`` over pairs (both directions of every pair present)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, a: Tensor, b: Tensor, num_nodes: int):
+        out = w.new_zeros(num_nodes, w.size(1))
+        out.index_add_(0, a, x.index_select(0, b) * w).index_add_(0, b, x.index_select(0, a) * w)
+        ctx.save_for_backward(x, w, a, b)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, w, a, b = ctx.saved_tensors
+        ga, gb = grad.index_select(0, a), grad.index_select(0, b)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.zeros_like(x).index_add_(0, b, (ga * w).to(x.dtype)).index_add_(0, a, (gb * w).to(x.dtype))
+        if ctx.needs_input_grad[1]:
+            gw = (ga.mul_(x.index_select(0, b)).addcmul_(gb, x.index_select(0, a))).to(w.dtype)
+        return gx, gw, None, None, None
+
+
+def gather_mul_scatter(x: Tensor, w: Tensor, src: Tensor, dst: Tensor, pair: Tensor, num_nodes: int,
+                       pairs: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    r"""Continuous-filter convolution sum :math:`o_i = \sum_{e: j \to i} x_j \odot w_{p(e)}`.
+
+    ``x`` ``[num_nodes, F]`` node features, ``w`` ``[P, F]`` per-pair filters, ``src``/``dst``/``pair``
+    per directed edge. Same result as ``scatter(x[src] * w[pair], dst, reduce="sum")`` but the
+    ``[E, F]`` messages are transient (recomputed in the backward) instead of being stored.
+    With ``pairs=(a, b)`` from :func:`undirected_pairs` and every pair present in both directions
+    (``E == 2 P``), both directions are handled per pair: the filters are never gathered.
+    """
+    if pairs is not None and src.numel() == 2 * w.size(0):
+        return _PairMulScatter.apply(x, w, pairs[0], pairs[1], num_nodes)
+    return _GatherMulScatter.apply(x, w, src, dst, pair, num_nodes)
 
 
 class RadiusInteractionGraph(torch.nn.Module):

@@ -254,3 +254,87 @@ def test_bf16_autocast_close_to_fp32():
         got = r(x, batch)
     assert got.dtype == torch.float32 or got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want, atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------- fast backbones vs PyG's forward
+
+def _backbones(name, **kw):
+    from abp_core.models import BACKBONES
+
+    torch.manual_seed(0)
+    small = {"schnet": dict(hidden_channels=32, num_filters=24, num_interactions=3, cutoff=6.0),
+             "dimenet++": dict(hidden_channels=32, num_blocks=2, int_emb_size=16, basis_emb_size=4,
+                               out_emb_channels=24)}[name]
+    small.update(kw)
+    stock = BACKBONES[name](**small, fast=False).double()
+    fast = BACKBONES[name](**small, fast=True).double()
+    fast.load_state_dict(stock.state_dict())
+    return stock, fast
+
+
+@pytest.mark.parametrize("name,kw", [("schnet", {}), ("schnet", dict(max_num_neighbors=3)),
+                                     ("dimenet++", {}), ("dimenet++", dict(max_num_neighbors=4))])
+def test_fast_backbone_equals_stock(name, kw, qm7b_molecules):
+    """Same outputs and gradients as PyG's own forward (float64: to round-off), also when the
+    neighbour cap makes the graph asymmetric (edges without their reverse)."""
+    from torch_geometric.data import Batch
+
+    stock, fast = _backbones(name, **kw)
+    b = Batch.from_data_list(qm7b_molecules)
+    outs = []
+    for m in (stock, fast):
+        m.zero_grad()
+        h = m(b.z, b.pos, b.batch)
+        (h.pow(2).sum() + h.sum()).backward()
+        outs.append((h.detach(), [p.grad for p in m.parameters()]))
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-10, atol=1e-10)
+    for g0, g1 in zip(outs[0][1], outs[1][1]):
+        assert torch.allclose(g0, g1, rtol=1e-9, atol=1e-10)
+
+
+def test_fast_schnet_fp32_equals_stock(qm7b_molecules):
+    """In float32 too (the fast path flushes sub-normal Gaussian features: no visible change)."""
+    from torch_geometric.data import Batch
+
+    stock, fast = _backbones("schnet", cutoff=10.0)
+    stock, fast = stock.float(), fast.float()
+    b = Batch.from_data_list(qm7b_molecules)
+    pos = b.pos.float()
+    assert torch.allclose(stock(b.z, pos, b.batch), fast(b.z, pos, b.batch), rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_features_flush_subnormals():
+    from abp_core.models import gaussian_features
+
+    offset = torch.linspace(0, 10, 50)
+    coeff = -0.5 / (offset[1] - offset[0]).item() ** 2
+    d = torch.linspace(0, 10, 1001)
+    got = gaussian_features(d, offset, coeff)
+    want = torch.exp(coeff * torch.pow(d.view(-1, 1) - offset.view(1, -1), 2))
+    tiny = torch.finfo(torch.float32).tiny
+    assert not bool(((got > 0) & (got < tiny)).any())  # no sub-normal numbers left
+    assert bool(((want > 0) & (want < tiny)).any())  # ... that PyG's smearing does produce
+    normal = want >= tiny
+    assert torch.equal(got[normal], want[normal]) and bool((got[~normal] == 0).all())
+
+
+def test_undirected_pairs_and_gather_mul_scatter():
+    from abp_core.graph import gather_mul_scatter, undirected_pairs
+
+    edge_index = torch.tensor([[1, 0, 2, 0, 3], [0, 1, 0, 2, 1]])  # (1,0),(0,1),(2,0),(0,2) and a lone 3->1
+    a, b, pair = undirected_pairs(edge_index, 4)
+    assert list(zip(a.tolist(), b.tolist())) == [(0, 1), (0, 2), (1, 3)]
+    assert pair.tolist() == [0, 0, 1, 1, 2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    want = torch.zeros(4, 5, dtype=torch.float64).index_add(0, edge_index[1], x[edge_index[0]] * w[pair])
+    assert torch.allclose(gather_mul_scatter(x, w, edge_index[0], edge_index[1], pair, 4), want)
+    assert torch.autograd.gradcheck(
+        lambda x, w: gather_mul_scatter(x, w, edge_index[0], edge_index[1], pair, 4, pairs=(a, b)), (x, w))
+    sym = edge_index[:, :4]  # every pair in both directions: the per-pair kernel
+    a2, b2, pair2 = undirected_pairs(sym, 4)
+    want = torch.zeros(4, 5, dtype=torch.float64).index_add(0, sym[1], x[sym[0]] * w[:2][pair2])
+    assert torch.allclose(gather_mul_scatter(x, w[:2], sym[0], sym[1], pair2, 4, pairs=(a2, b2)), want)
+    assert torch.autograd.gradcheck(
+        lambda x, w: gather_mul_scatter(x, w, sym[0], sym[1], pair2, 4, pairs=(a2, b2)), (x, w[:2].detach()))
