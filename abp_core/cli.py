@@ -10,7 +10,8 @@ Subcommands (``abp <subcommand> --help`` for details)::
 
 Adding a subcommand: write ``def _register_x(subparsers)`` that adds a parser and sets
 ``handler=<function(args) -> int>`` with ``set_defaults``, then decorate it with
-``@subcommand("x")`` (or call ``register_subcommand("x", fn)``). ``main()`` finds it in
+``@subcommand("x")`` (or call ``register_subcommand("x", fn)``, or
+``register_subcommand("x", "abp_core.x:register")`` to import the module lazily). ``main()`` finds it in
 :data:`SUBCOMMANDS`; expected errors (``ConfigError``, bad input files) are printed as one
 ``abp: error: ...`` line and give exit code 2, and a failed run exit code 1.
 """
@@ -28,8 +29,29 @@ __all__ = ["main", "SUBCOMMANDS", "register_subcommand", "subcommand", "build_pa
 SUBCOMMANDS: Dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
 
-def register_subcommand(name: str, register: Callable[[argparse._SubParsersAction], None]) -> None:
-    """Register ``register(subparsers)`` as the builder of subcommand ``name``."""
+def register_subcommand(name: str, register) -> None:
+    """Register ``register(subparsers)`` as the builder of subcommand ``name``.
+
+    ``register`` may also be a ``"package.module:function"`` string, imported only when the parser is
+    built (keeps ``abp --help`` fast when a subcommand pulls in heavy dependencies), e.g.
+    ``register_subcommand("notebooks", "abp_core.notebooks:register")``.
+    """
+    if isinstance(register, str):
+        target = register
+
+        def register(sub, _target=target, _name=name):
+            import importlib
+
+            module, _, attr = _target.partition(":")
+            try:
+                hook = getattr(importlib.import_module(module), attr or "register")
+            except (ImportError, AttributeError) as exc:  # one broken plugin must not break every command
+                msg = f"subcommand '{_name}' is unavailable ({type(exc).__name__}: {exc})"
+                sub.add_parser(_name, help=f"(unavailable: {exc})").set_defaults(
+                    handler=lambda args: _unavailable(msg))
+                return
+            hook(sub)
+
     SUBCOMMANDS[name] = register
 
 
@@ -45,6 +67,11 @@ def subcommand(name: str):
 
 class UsageError(Exception):
     """A user error reported as one line, exit code 2."""
+
+
+def _unavailable(message: str) -> int:
+    print(f"abp: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _csv_list(text: Optional[str]) -> Optional[List[str]]:
@@ -291,6 +318,11 @@ def _register_config(sub):
     p.add_argument("--out", help="save to this YAML/JSON file instead of printing")
     p.add_argument("overrides", nargs="*", metavar="section.option=value")
     p.set_defaults(handler=_cmd_config)
+
+
+# ------------------------------------------------------------------------------------------------
+# subcommands living in other modules (imported when the parser is built)
+register_subcommand("notebooks", "abp_core.notebooks:register")
 
 
 # ------------------------------------------------------------------------------------------------

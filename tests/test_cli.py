@@ -138,7 +138,17 @@ def test_subcommand_registry_and_usage(capsys, monkeypatch):
 
     assert main(["hello", "--name", "abp"]) == 7
     assert capsys.readouterr().out == "hello abp\n"
-    assert set(cli.SUBCOMMANDS) >= {"train", "experiment", "predict", "table", "report", "config", "hello"}
+    # lazy form: "module:function", imported when the parser is built
+    plugin = type(sys)("_abp_cli_test_plugin")
+    plugin.register = lambda sub: sub.add_parser("plugin").set_defaults(handler=lambda args: 5)
+    monkeypatch.setitem(sys.modules, "_abp_cli_test_plugin", plugin)
+    cli.register_subcommand("plugin", "_abp_cli_test_plugin:register")
+    assert main(["plugin"]) == 5
+    cli.register_subcommand("broken", "_abp_no_such_module:register")  # does not break the other commands
+    assert main(["plugin"]) == 5 and main(["broken"]) == 2
+    assert "subcommand 'broken' is unavailable (ModuleNotFoundError" in capsys.readouterr().err
+    assert set(cli.SUBCOMMANDS) >= {"train", "experiment", "predict", "table", "report", "config", "notebooks",
+                                    "hello"}
     assert main([]) == 2
     assert main(["table", str(Path("/nonexistent/runs"))]) == 2
     assert "runs directory" in capsys.readouterr().err
