@@ -85,6 +85,16 @@ __all__ = [
 
 log = logging.getLogger("abp_core.train")
 
+
+class _DropAdverts(logging.Filter):
+    """Lightning 2.6 advertises a cloud logger at every Trainer creation; keep the console for real news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.getMessage())
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+
 LAST = "last.ckpt"
 LAST_PREVIOUS = "last-previous.ckpt"
 BEST = "best.ckpt"
