@@ -1,7 +1,6 @@
 """Shared fixtures: paths to the real data beside the checkout, and small real molecules."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
-# Tests never download: every loader reads from the shared folder beside the checkout.
-os.environ.setdefault("ABP_DATA_DIR", str(SHARED_DATA))
-# ../shared/data is read-only: processed caches go to a git-ignored folder of the checkout.
-os.environ.setdefault("ABP_CACHE_DIR", str(REPO_ROOT / ".cache" / "processed"))
+# The data root and cache dir are set for the whole session in the repo's root conftest.py.
 
 
 @pytest.fixture(scope="session")
