@@ -11,7 +11,7 @@ for a ``list[str]``) and raises :class:`ParameterError` naming the parameter oth
 (``papermill ... -p epochs abc`` -> ``notebook parameter 'epochs' must be an integer, got 'abc' (str)``).
 It then applies smoke mode (:func:`smoke_mode`: the ``smoke`` parameter, or ``ABP_SMOKE=1`` in the
 environment, which is how nbval runs the notebooks in CI) and, in smoke mode, the notebook's tiny
-settings and one torch thread (:func:`smoke_threads`). Use ``Optional[str]`` rather than
+settings and one torch thread (:func:`set_threads`). Use ``Optional[str]`` rather than
 ``str | None`` in parameter annotations: papermill's parameter inspection does not read the ``|`` form.
 
 The paper's experiments (``01_qm7b`` ... ``07_qm7b_wa_vs_abp``) all go through
@@ -53,7 +53,7 @@ __all__ = [
     "ParameterError",
     "NotebookParameters",
     "smoke_mode",
-    "smoke_threads",
+    "set_threads",
     "coerce_parameter",
     "parameters",
     "resolve_data_root",
@@ -382,18 +382,27 @@ def parameters(namespace: Mapping[str, Any], smoke_overrides: Optional[Mapping[s
                                      f"parameters: {list(annotations)}")
             values[pname] = coerce_parameter(pname, value, annotations[pname])
     if values.get("smoke"):
-        smoke_threads()
+        set_threads(1)
     return values
 
 
-def smoke_threads(num_threads: int = 1) -> None:
-    """Smoke mode trains tiny models: one torch thread is as fast, and on a busy machine (CI, shared
-    cores) several threads per process are many times slower (measured: 35 s vs 9 s for 01_qm7b's grid)."""
+def set_threads(num_threads: Optional[int]) -> None:
+    """Set torch's CPU threads (``None``: leave torch's default).
+
+    Small models (the quickstart's, smoke mode's) gain little from several threads, and on a busy
+    machine (CI, shared cores) several threads per process are many times slower: training the
+    quickstart's SchNet took 0.6 s per 1000 molecules with one thread and 20 s with two while other
+    jobs used the cores. Smoke mode therefore always runs with one thread.
+    """
+    if num_threads is None:
+        return
+    if int(num_threads) < 1:
+        raise ParameterError(f"notebook parameter 'threads' must be >= 1 (or None), got {num_threads}")
     try:
         import torch
     except ImportError:  # pragma: no cover
         return
-    torch.set_num_threads(num_threads)
+    torch.set_num_threads(int(num_threads))
 
 
 # ================================================================================================

@@ -196,6 +196,17 @@ def test_parameters_smoke_overrides_only_in_smoke_mode():
         nb.parameters(_namespace(smoke=True), {"epochs": "x"}, env={})
 
 
+def test_set_threads():
+    import torch
+
+    nb.set_threads(2)
+    assert torch.get_num_threads() == 2
+    nb.set_threads(None)  # leaves it alone
+    assert torch.get_num_threads() == 2
+    with pytest.raises(nb.ParameterError, match="'threads' must be >= 1"):
+        nb.set_threads(0)
+
+
 def test_parameters_needs_annotations():
     with pytest.raises(nb.ParameterError, match="annotated"):
         nb.parameters({"smoke": False})
