@@ -61,6 +61,10 @@ def test_notebook_is_clean_and_parametrised(path):
     import papermill
 
     params = papermill.inspect_notebook(str(path))
+    import ast
+
+    declared = [n.target.id for n in ast.parse(source).body if isinstance(n, ast.AnnAssign)]
+    assert list(params) == declared, "papermill skips parameter lines it cannot parse (e.g. '=' in a comment)"
     assert params["smoke"]["inferred_type_name"] == "bool"
     assert all(p["inferred_type_name"] != "None" for p in params.values()), params
     assert "output_dir" in params
