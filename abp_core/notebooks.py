@@ -355,7 +355,11 @@ def parameters(namespace: Mapping[str, Any], smoke_overrides: Optional[Mapping[s
     Args:
         namespace: the notebook's ``globals()``; every name in its ``__annotations__`` (the annotated
             assignments of the parameters cell) is a parameter.
-        smoke_overrides: values that replace parameters in smoke mode (checked like the others).
+        smoke_overrides: the notebook's smoke budget, applied in smoke mode only. For a numeric
+            parameter the value is a cap (``epochs: 1`` -> ``min(epochs, 1)``; ``None`` counts as
+            unlimited), for a list parameter an int is the number of items kept (the first ones:
+            ``seeds: 1``), and any other value replaces the parameter. So explicit choices survive
+            within the budget: ``-p smoke True -p seeds "[386333]"`` runs split 386333, once.
         env: environment for :func:`smoke_mode` (default ``os.environ``).
 
     Returns:
@@ -380,10 +384,26 @@ def parameters(namespace: Mapping[str, Any], smoke_overrides: Optional[Mapping[s
             if pname not in annotations:
                 raise ParameterError(f"smoke override for unknown notebook parameter {pname!r}; "
                                      f"parameters: {list(annotations)}")
-            values[pname] = coerce_parameter(pname, value, annotations[pname])
+            values[pname] = _smoke_value(pname, values[pname], value, annotations[pname])
     if values.get("smoke"):
         set_threads(1)
     return values
+
+
+def _smoke_value(name: str, current: Any, budget: Any, annotation: Any) -> Any:
+    """``current`` limited by a smoke budget (see :func:`parameters`)."""
+    if isinstance(current, list) and isinstance(budget, int) and not isinstance(budget, bool):
+        if budget < 1:
+            raise ParameterError(f"smoke budget for {name!r} must keep at least one item, got {budget}")
+        return current[:budget]
+    budget = coerce_parameter(name, budget, annotation)
+    numeric = (int, float)
+    if isinstance(budget, numeric) and not isinstance(budget, bool):
+        if current is None:
+            return budget
+        if isinstance(current, numeric) and not isinstance(current, bool):
+            return type(budget)(min(current, budget))
+    return budget
 
 
 def set_threads(num_threads: Optional[int]) -> None:

@@ -90,8 +90,13 @@ def test_notebook_parameters_validate_with_defaults(path, monkeypatch):
     monkeypatch.setenv(nb.SMOKE_ENV, "1")
     values = nb.parameters(namespace, smoke_values)
     assert values.smoke is True
-    assert all(values[k] == nb.coerce_parameter(k, v, namespace["__annotations__"][k])
-               for k, v in (smoke_values or {}).items())
+    for k, v in (smoke_values or {}).items():  # smoke values are type-correct and within the budget
+        ann = namespace["__annotations__"][k]
+        assert nb.coerce_parameter(k, values[k], ann) == values[k]
+        if isinstance(values[k], list) and isinstance(v, int):
+            assert 1 <= len(values[k]) <= v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            assert values[k] <= v
 
 
 def test_reusable_logic_lives_in_the_package():
@@ -194,6 +199,16 @@ def test_parameters_smoke_overrides_only_in_smoke_mode():
     assert torch.get_num_threads() == 1  # smoke mode: tiny models, one thread
     p = nb.parameters(_namespace(smoke=True), overrides, env={})
     assert p.epochs == 1
+    # numbers are capped, an int for a list keeps that many items, explicit smaller choices survive
+    capped = nb.parameters(_namespace(epochs=3, readouts=["wa", "abp", "sum"], root=None),
+                           {"epochs": 5, "readouts": 2, "root": "x"}, env={"ABP_SMOKE": "1"})
+    assert capped.epochs == 3 and capped.readouts == ["wa", "abp"] and capped.root == "x"
+    assert nb.parameters(_namespace(lr=1.0), {"lr": 0.1}, env={"ABP_SMOKE": "1"}).lr == 0.1
+    opt = {"smoke": bool, "n": Optional[int]}
+    assert nb.parameters({"__annotations__": opt, "smoke": True, "n": None}, {"n": 400}, env={}).n == 400
+    assert nb.parameters({"__annotations__": opt, "smoke": True, "n": 50}, {"n": 400}, env={}).n == 50
+    with pytest.raises(nb.ParameterError, match="at least one item"):
+        nb.parameters(_namespace(smoke=True), {"readouts": 0}, env={})
     with pytest.raises(nb.ParameterError, match="unknown notebook parameter 'nope'"):
         nb.parameters(_namespace(smoke=True), {"nope": 1}, env={})
     with pytest.raises(nb.ParameterError, match="'epochs'"):
