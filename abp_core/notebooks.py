@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .stats import format_mean_std
+
 __all__ = [
     "SMOKE_ENV",
     "ParameterError",
@@ -636,14 +638,6 @@ def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any
     return out
 
 
-def _fmt(mean: Any, std: Any, digits: int = 3) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return ""
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def paper_reference(dataset: str, tables: Sequence[int] = (1,)) -> "pd.DataFrame":
     """The paper's numbers for ``dataset`` from Table 1 (and/or Tables 2-4), formatted "mean ± std".
 
@@ -665,7 +659,7 @@ def paper_reference(dataset: str, tables: Sequence[int] = (1,)) -> "pd.DataFrame
                 row = {"table": 1, "task": r["task"], "unit": r["unit_as_printed"]}
                 for col, bb in (("schnet", "SchNet"), ("dimenetpp", "DimeNet++")):
                     for ro, rl in (("sum", "sum"), ("abp", "ABP")):
-                        row[f"{bb} {rl}"] = _fmt(r[f"{col}_{ro}_mean"], r[f"{col}_{ro}_std"])
+                        row[f"{bb} {rl}"] = format_mean_std(r[f"{col}_{ro}_mean"], r[f"{col}_{ro}_std"])
                     change = stats.relative_improvement(r[f"{col}_sum_mean"], r[f"{col}_abp_mean"], "candidate")
                     row[f"{bb} change %"] = round(float(change), 2)
                 rows.append(row)
@@ -675,8 +669,8 @@ def paper_reference(dataset: str, tables: Sequence[int] = (1,)) -> "pd.DataFrame
             t = t[t["dataset"] == label]
             frames.append(pd.DataFrame({
                 "table": t["table"], "task": t["task"], "readout": t["readout"],
-                "MAE": [_fmt(m, s, 4) for m, s in zip(t["mae_mean"], t["mae_std"])],
-                "RMSE": [_fmt(m, s, 4) for m, s in zip(t["rmse_mean"], t["rmse_std"])],
+                "MAE": [format_mean_std(m, s, 4) for m, s in zip(t["mae_mean"], t["mae_std"])],
+                "RMSE": [format_mean_std(m, s, 4) for m, s in zip(t["rmse_mean"], t["rmse_std"])],
                 "ABP parameters": t["abp_params"].astype("Int64")}).reset_index(drop=True))
     if not frames:
         return pd.DataFrame()
@@ -810,8 +804,8 @@ def _table_2_4_beside(summary, dataset: str, tables: Sequence[int]):
             mine = _match_table_task(summary, dataset, r["task"], r["readout"])
             factor = 1000.0 if dataset == "qm7b" else 1.0  # Table 4 prints QM7b in milli-Hartree
             rows.append({"table": int(table), "task": r["task"], "readout": r["readout"],
-                         "paper MAE": _fmt(r["mae_mean"], r["mae_std"], 4),
-                         "ours MAE": "" if mine is None else _fmt(mine["mae_mean"] * factor,
+                         "paper MAE": format_mean_std(r["mae_mean"], r["mae_std"], 4),
+                         "ours MAE": "" if mine is None else format_mean_std(mine["mae_mean"] * factor,
                                                                    mine["mae_std"] * factor, 4),
                          "ours splits": None if mine is None else int(mine["n_splits"])})
     return pd.DataFrame(rows) if rows else None
