@@ -68,7 +68,8 @@ def build(backbone: str, variant: str, quick: bool, seed: int = 0):
     cfg = config(backbone, quick)
     fast = variant != "stock"
     torch.manual_seed(seed)
-    net = BACKBONES[backbone](**cfg["backbone"], fast=fast)
+    extra = dict(checkpoint=False) if variant == "ours-nockpt" else {}
+    net = BACKBONES[backbone](**cfg["backbone"], fast=fast, **extra)
     ref = SetTransformerAggregation(cfg["width"], num_seed_points=1, num_encoder_blocks=2, num_decoder_blocks=1,
                                     heads=cfg["heads"], concat=False)
     head = MLPHead(cfg["width"], 1)
@@ -87,6 +88,7 @@ VARIANTS = {  # name -> (model kind, bf16 autocast)
     "stock fp32": ("stock", False),
     "ours fp32": ("ours", False),
     "ours bf16": ("ours", True),
+    "ours fp32 no-ckpt": ("ours-nockpt", False),  # DimeNet++ without activation checkpointing
     "ours compile fp32": ("ours-compile", False),
     "ours compile bf16": ("ours-compile", True),
 }
@@ -131,8 +133,9 @@ def agreement(models, batch, bf16_variants):
     return out
 
 
-def backbone_gflop(backbone: str, batch, quick: bool, fast: bool) -> float:
-    """Executed analytic GFLOP (forward + backward = 3x forward) of the backbone's matmuls."""
+def backbone_gflop(backbone: str, batch, quick: bool, fast: bool, checkpoint: bool = True) -> float:
+    """Executed analytic GFLOP of the backbone's matmuls: forward + backward = 3x forward, plus one more
+    forward of the blocks for DimeNet++'s fast path with activation checkpointing."""
     from abp_core.graph import radius_graph, triplets, undirected_pairs
 
     cfg = config(backbone, quick)["backbone"]
@@ -143,8 +146,6 @@ def backbone_gflop(backbone: str, batch, quick: bool, fast: bool) -> float:
         rows = undirected_pairs(ei, n)[0].numel() if fast else ei.size(1)
         macs = t * (rows * (50 * f + f * f) + n * (h * f + f * h + h * h))
         return 3 * 2 * macs / 1e9
-    from abp_core.models import DimeNetPlusPlusBackbone
-    d = DimeNetPlusPlusBackbone.__init__.__defaults__  # noqa: F841 - documented defaults used below
     h = cfg.get("hidden_channels", 256)
     ie, be, oe = cfg.get("int_emb_size", 64), cfg.get("basis_emb_size", 8), cfg.get("out_emb_channels", 256)
     blocks = cfg.get("num_blocks", 6)
@@ -154,7 +155,8 @@ def backbone_gflop(backbone: str, batch, quick: bool, fast: bool) -> float:
     inter = e * (2 * h * h + 6 * be + be * h + h * ie + ie * h + 7 * h * h) + tr * (42 * be + be * ie)
     outb = e * 6 * h + n * (h * oe + 3 * oe * oe + oe * h)
     emb = e * (6 * h + 3 * h * h)
-    return 3 * 2 * (blocks * inter + (blocks + 1) * outb + emb) / 1e9
+    passes = 4 if fast and checkpoint else 3
+    return passes * 2 * (blocks * inter + (blocks + 1) * outb + emb) / 1e9
 
 
 def child(args) -> None:
@@ -193,12 +195,17 @@ def main(argv=None) -> int:
     if args.compile:
         names += ["ours compile fp32"] + ([] if args.no_bf16 else ["ours compile bf16"])
     rows, summary = [], []
+    all_names = names
     for backbone in args.backbones:
         cfg = config(backbone, args.quick)
+        names = [n for n in all_names if "compile" not in n or backbone == "schnet"]
         models = {"stock": build(backbone, "stock", args.quick), "ours": build(backbone, "ours", args.quick)}
+        if backbone == "dimenet++":
+            names = names[:2] + ["ours fp32 no-ckpt"] + names[2:]
+            models["ours-nockpt"] = build(backbone, "ours-nockpt", args.quick)
         check = agreement(models, batch, not args.no_bf16)
         compile_s = None
-        if args.compile:
+        if args.compile and backbone == "schnet":
             models["ours-compile"] = build(backbone, "ours-compile", args.quick)
             t0 = time.perf_counter()
             for bf16 in ([False] if args.no_bf16 else [False, True]):
@@ -219,7 +226,7 @@ def main(argv=None) -> int:
         for n in names:
             t = median(times[n])
             fast = n != "stock fp32"
-            gf = backbone_gflop(backbone, batch, args.quick, fast) + abp_gflop(
+            gf = backbone_gflop(backbone, batch, args.quick, fast, "no-ckpt" not in n) + abp_gflop(
                 "ours" if fast else "pyg", sizes, cfg["width"], cfg["heads"])
             agree = ""
             if fast:

@@ -1,0 +1,33 @@
+"""Smoke tests: every benchmark script runs end to end in its --quick mode and prints its summary line.
+
+The scripts' ``main`` functions run in this process (no interpreter start-up per script); the
+fresh-process peak-memory measurement is exercised once, by the readout benchmark.
+"""
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    yield lambda name: importlib.import_module(name)
+    sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("script,args", [
+    ("readout", ["--quick", "--dists", "qm9"]),  # with the fresh-process memory measurement
+    ("scaling", ["--quick", "--no-memory"]),
+    ("train_step", ["--quick", "--no-memory", "--no-bf16"]),
+    ("fast_path_accuracy", ["--quick", "--seeds", "0", "--variants", "stock fp32", "ours fp32"]),
+])
+def test_benchmark_quick(bench, script, args, capsys):
+    assert bench(script).main(args) == 0
+    out = capsys.readouterr().out
+    summary = [line for line in out.splitlines() if line.startswith("SUMMARY")]
+    assert len(summary) == 1 and out.rstrip().endswith(summary[0]), out
+    assert "NOT IDENTICAL" not in out and "| NO (" not in out and "OUTSIDE" not in out, out
