@@ -327,8 +327,9 @@ except (AttributeError, RuntimeError):  # pragma: no cover - older/unusual build
     _FLASH_CPU = _FLASH_CPU_BACKWARD = None
 
 
-def _flash_forward(qkv: Tensor, buckets, heads: int) -> Tuple[Tensor, list]:
-    """Per-block CPU flash attention on packed ``qkv`` ``[N, 3C]``: packed output ``[N, C]`` and log-sum-exps."""
+def _flash_forward(qkv: Tensor, buckets, heads: int, out: Optional[Tensor] = None) -> Tuple[Tensor, list]:
+    """Per-block CPU flash attention on packed ``qkv`` ``[N, 3C]``: packed output ``[N, C]`` (into ``out``
+    if given) and log-sum-exps."""
     c = qkv.size(1) // 3
     d = c // heads
     outs, lses = [], []
@@ -338,25 +339,45 @@ def _flash_forward(qkv: Tensor, buckets, heads: int) -> Tuple[Tensor, list]:
         o, lse = _FLASH_CPU(q, k, v, 0.0, False)
         outs.append(o.transpose(1, 2).reshape(b * n, c))  # a view: the kernel writes [B, n, H, d]
         lses.append(lse)
+    if out is not None:
+        return torch.cat(outs, out=out), lses
     return (torch.cat(outs) if len(outs) > 1 else outs[0].clone()), lses
 
 
 def _flash_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lses, buckets, heads: int,
                     grad: Tensor) -> Tensor:
     """Per-block flash-attention backward, writing ``d qkv`` into ``grad`` (which may be ``qkv`` itself:
-    each block's rows are overwritten only after the kernel has consumed them)."""
+    rows are overwritten only after the kernel has consumed them).
+
+    The blocks' gradients are gathered and written with one concatenation per q/k/v every
+    ``N / 8`` rows or so: few copy calls (each a parallel region) and little extra memory."""
     c = qkv.size(1) // 3
     d = c // heads
+    flush_rows = max(qkv.size(0) // 8, 1)
+    pending, start, rows_pending = ([], [], []), 0, 0
+
+    def flush(end):
+        for i, acc in enumerate(pending):
+            if len(acc) == 1:
+                grad[start:end, i * c:(i + 1) * c].copy_(acc[0])
+            else:
+                torch.cat(acc, out=grad[start:end, i * c:(i + 1) * c])
+            acc.clear()
+
     for (r0, _, b, n), lse in zip(buckets, lses):
         rows = slice(r0, r0 + b * n)
         blk = qkv[rows].view(b, n, 3, heads, d)
         q, k, v = (blk[:, :, i].transpose(1, 2) for i in range(3))
         o = out[rows].view(b, n, heads, d).transpose(1, 2)
         go = grad_out[rows].view(b, n, heads, d).transpose(1, 2)
-        gq, gk, gv = _FLASH_CPU_BACKWARD(go, q, k, v, o, lse, 0.0, False)
-        g = grad[rows].view(b, n, 3, heads, d)
-        for i, gi in enumerate((gq, gk, gv)):
-            g[:, :, i].copy_(gi.transpose(1, 2))
+        for acc, g in zip(pending, _FLASH_CPU_BACKWARD(go, q, k, v, o, lse, 0.0, False)):
+            acc.append(g.transpose(1, 2).reshape(b * n, c))  # a view: the kernel writes [B, n, H, d]
+        rows_pending += b * n
+        if rows_pending >= flush_rows:
+            flush(r0 + b * n)
+            start, rows_pending = r0 + b * n, 0
+    if rows_pending:
+        flush(start + rows_pending)
     return grad
 
 
@@ -385,47 +406,84 @@ class _PackedSelfAttention(torch.autograd.Function):
         return grad, None, None
 
 
+_GROUP_ROWS = 4096  # minimum atoms per q|k|v group of the fused SAB
+
+
+def _row_groups(buckets, min_rows: Optional[int] = None, parts: int = 8):
+    """Consecutive blocks grouped into row ranges of about ``max(min_rows, N / parts)`` rows:
+    ``[(first_row, end_row, blocks)]`` with block rows relative to ``first_row``."""
+    total = sum(b * n for _, _, b, n in buckets)
+    target = max(_GROUP_ROWS if min_rows is None else min_rows, total // parts)
+    groups, cur, start = [], [], 0
+    for r0, m0, b, n in buckets:
+        cur.append((r0 - start, m0, b, n))
+        if r0 + b * n - start >= target:
+            groups.append((start, r0 + b * n, cur))
+            cur, start = [], r0 + b * n
+    if cur:
+        groups.append((start, total, cur))
+    return groups
+
+
 class _FusedSelfAttentionBlock(torch.autograd.Function):
     r"""A whole SAB on packed atoms, ``y = h + ReLU(W_l h + b_l)``, ``h = x + W_o Attn(W_in x + b_in) + b_o``,
     with a hand-written backward that keeps little in memory.
 
-    Saved for backward: the input ``x`` (alive anyway), the attention output, its log-sum-exps
-    and the ReLU's sign mask (1 byte per element). ``q|k|v`` (``3C`` per atom) and ``h`` are
-    recomputed in the backward (two extra matmuls) instead of being stored, and the backward
-    writes gradients into buffers it owns (the recomputed ``q|k|v`` becomes ``d q|k|v``), so a
-    SAB step holds about 2.25 instead of 7 activations of ``[N, C]``. Same numbers as the
+    ``q|k|v`` is computed group by group (a few thousand atoms at a time, whole blocks of
+    equal-size molecules). With ``recompute=True`` it is not stored: the backward recomputes it
+    group by group, overwrites it with its gradient and folds that into the weight and input
+    gradients straight away. Saved for the backward: the input ``x`` (alive anyway), the
+    attention output, ``h``, the ReLU's sign mask (1 byte per element) and the log-sum-exps, so a
+    SAB holds about 3.25 instead of 7 activations of ``[N, C]`` and no ``[N, 3C]`` buffer ever
+    exists; the price is one extra ``x W_in`` matmul in the backward. With ``recompute=False``
+    the groups' ``q|k|v`` are kept (6.25 activations, no extra matmul). Same numbers as the
     autograd composition (:meth:`MultiheadAttentionBlock.forward_packed` with ``fused=False``).
     """
 
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_o, b_o, w_l, b_l, buckets, heads: int):
-        qkv = torch.addmm(b_in, x, w_in.t())
-        out, lses = _flash_forward(qkv, buckets, heads)
-        del qkv
+    def forward(ctx, x, w_in, b_in, w_o, b_o, w_l, b_l, buckets, heads: int, recompute: bool):
+        groups = _row_groups(buckets)
+        out = x.new_empty(x.size(0), w_o.size(1))
+        lses, kept = [], []
+        for r0, r1, blocks in groups:
+            qkv = torch.addmm(b_in, x[r0:r1], w_in.t())
+            lses.extend(_flash_forward(qkv, blocks, heads, out=out[r0:r1])[1])
+            if not recompute:
+                kept.append(qkv)
         h = torch.addmm(b_o, out, w_o.t()).add_(x)
         z = torch.addmm(b_l, h, w_l.t())
         mask = z > 0
-        y = z.relu_().add_(h)
-        ctx.buckets, ctx.heads = buckets, heads
-        ctx.save_for_backward(x, w_in, b_in, w_o, b_o, w_l, out, mask, *lses)
+        y = torch.addcmul(h, z, mask)
+        ctx.groups, ctx.heads, ctx.num_lses = groups, heads, len(lses)
+        ctx.save_for_backward(x, w_in, b_in, w_o, w_l, out, h, mask, *lses, *kept)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor):
-        x, w_in, b_in, w_o, b_o, w_l, out, mask, *lses = ctx.saved_tensors
+        x, w_in, b_in, w_o, w_l, out, h, mask, *rest = ctx.saved_tensors
+        lses, kept = rest[:ctx.num_lses], rest[ctx.num_lses:]
         gy = gy.contiguous()
-        h = torch.addmm(b_o, out, w_o.t()).add_(x)  # recomputed
         gz = gy * mask
         gw_l, gb_l = gz.t().mm(h), gz.sum(0)
-        gh = torch.addmm(gy, gz, w_l, out=h)  # dL/dh = gy + gz W_l, into h's buffer
+        gh = torch.addmm(gy, gz, w_l)  # dL/dh = gy + gz W_l; becomes dL/dx below
         gw_o, gb_o = gh.t().mm(out), gh.sum(0)
         go = torch.mm(gh, w_o, out=gz)
-        qkv = torch.addmm(b_in, x, w_in.t())  # recomputed, then overwritten by its gradient
-        gqkv = _flash_backward(go, qkv, out, lses, ctx.buckets, ctx.heads, grad=qkv)
-        gw_in, gb_in = gqkv.t().mm(x), gqkv.sum(0)
-        gx = gh.addmm_(gqkv, w_in) if ctx.needs_input_grad[0] else None
-        return gx, gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, None, None
+        gw_in, gb_in = torch.zeros_like(w_in), torch.zeros_like(b_in)
+        i = 0
+        for g, (r0, r1, blocks) in enumerate(ctx.groups):
+            xg = x[r0:r1]
+            if kept:
+                qkv = kept[g]
+                grad = torch.empty_like(qkv)
+            else:  # recomputed, then overwritten by its own gradient
+                qkv = grad = torch.addmm(b_in, xg, w_in.t())
+            _flash_backward(go[r0:r1], qkv, out[r0:r1], lses[i:i + len(blocks)], blocks, ctx.heads, grad=grad)
+            i += len(blocks)
+            gw_in.addmm_(grad.t(), xg)
+            gb_in += grad.sum(0)
+            gh[r0:r1].addmm_(grad, w_in)
+        return (gh if ctx.needs_input_grad[0] else None), gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, None, None, None
 
 
 def packed_self_attention(qkv: Tensor, layout: SetLayout, heads: int, dropout_p: float = 0.0,
@@ -538,19 +596,19 @@ class MultiheadAttentionBlock(torch.nn.Module):
             h = self.norm2(h)
         return h
 
-    def forward_packed(self, x: Tensor, layout: SetLayout, fused: bool = True) -> Tensor:
+    def forward_packed(self, x: Tensor, layout: SetLayout, fused: bool = True, recompute: bool = True) -> Tensor:
         """SAB on size-sorted packed atoms ``[N, C]``: attention within each molecule.
 
         On CPU without layer norms, dropout or autocast this runs as one
         :class:`_FusedSelfAttentionBlock` (low-memory backward); otherwise, or with
-        ``fused=False``, as an autograd composition.
+        ``fused=False``, as an autograd composition. ``recompute``: see :class:`_FusedSelfAttentionBlock`.
         """
         if (fused and self.norm1 is None and not torch.is_autocast_enabled(x.device.type)
                 and _cpu_flash_available(x, self._dropout())
                 and all(t.dtype == x.dtype for t in (self.in_proj_weight, self.out_proj.weight, self.lin.weight))):
             return _FusedSelfAttentionBlock.apply(x, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight,
                                                   self.out_proj.bias, self.lin.weight, self.lin.bias,
-                                                  layout.buckets, self.heads)
+                                                  layout.buckets, self.heads, recompute)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         return self._feed_forward(x, packed_self_attention(qkv, layout, self.heads, self._dropout(),
                                                            force_generic=not fused))
@@ -704,6 +762,9 @@ class AttentionPooling(Readout):
         num_induced_points: if given, the encoder uses induced set attention blocks
             (:class:`InducedSetAttentionBlock`) with this many induced points instead of
             SABs: memory linear in the number of atoms (default ``None``: SABs, the paper).
+        recompute: recompute each SAB's ``q|k|v`` in the backward instead of storing it (default
+            ``True``: about half the training memory for one extra matmul per SAB; see
+            :class:`_FusedSelfAttentionBlock`).
         bucket_ratio: accepted for backward compatibility and ignored (attention now
             runs on blocks of equal-size molecules, with no padding at all).
 
@@ -721,7 +782,7 @@ class AttentionPooling(Readout):
                  num_encoder_blocks: int = 2, num_seeds: int = 1, num_decoder_blocks: int = 1,
                  concat: bool = False, layer_norm: bool = False, dropout: float = 0.0,
                  input_projection: bool = True, output_projection: bool = True,
-                 num_induced_points: Optional[int] = None, bucket_ratio: float = 1.0):
+                 num_induced_points: Optional[int] = None, recompute: bool = True, bucket_ratio: float = 1.0):
         hidden = hidden_channels or in_channels
         if hidden % heads != 0:
             raise ValueError(f"heads ({heads}) must divide hidden_channels ({hidden})")
@@ -738,7 +799,7 @@ class AttentionPooling(Readout):
             raise ValueError(f"without an output projection out_channels must be {pooled}")
         super().__init__(in_channels, out_channels)
         self.hidden_channels, self.heads, self.num_seeds, self.concat = hidden, heads, num_seeds, concat
-        self.num_induced_points = num_induced_points
+        self.num_induced_points, self.recompute = num_induced_points, recompute
         self.bucket_ratio = bucket_ratio
         self.input_lin = Linear(in_channels, hidden) if input_projection else None
         if num_induced_points is None:
@@ -771,7 +832,8 @@ class AttentionPooling(Readout):
         if self.input_lin is not None:
             x = self.input_lin(x).relu_()
         for block in self.encoders:
-            x = block.forward_packed(x, layout)
+            x = (block.forward_packed(x, layout, recompute=self.recompute)
+                 if isinstance(block, MultiheadAttentionBlock) else block.forward_packed(x, layout))
         return self.pma_lin(x).relu_(), layout
 
     def _encode(self, x: Tensor, batch: Tensor, dim_size: int) -> Tuple[Tensor, SetLayout]:

@@ -31,7 +31,8 @@ from _common import (fmt_table, interleaved, machine_line, matmul_peak, measure_
                      median, run_child)
 
 DISTRIBUTIONS = {"qm9": (9, 29), "qmugs": (40, 228)}
-IMPLS = ("pyg", "ours")
+IMPLS = ("pyg", "ours", "ours-fast")
+LABELS = {"pyg": "PyG", "ours": "ours (default, recompute=True)", "ours-fast": "ours (recompute=False)"}
 
 
 def copy_set_transformer_weights(ours, ref) -> None:
@@ -65,7 +66,7 @@ def build(impl: str, channels: int, heads: int, seed: int = 0):
     if impl == "pyg":
         return ref
     ours = AttentionPooling(channels, heads=heads, num_encoder_blocks=2, num_seeds=1, num_decoder_blocks=1,
-                            input_projection=False, output_projection=False)
+                            input_projection=False, output_projection=False, recompute=impl != "ours-fast")
     copy_set_transformer_weights(ours, ref)
     return ours
 
@@ -104,22 +105,21 @@ def executed_gflop(impl: str, sizes, c: int, heads: int, k: int = 1, n_enc: int 
         rows, sq = sum(sizes), sum(n * n for n in sizes)
         pma = c * c * rows + 2 * k * heads * c * rows + k * c * c * m
     macs = n_enc * (5 * c * c * rows + 2 * c * sq) + pma + 2 * k * c * c * m + n_dec * (5 * k * c * c * m + 2 * k * k * c * m)
-    # ours recomputes q|k|v and h of each SAB in the backward (4 C^2 per atom) instead of storing them
-    recompute = n_enc * 4 * c * c * rows if impl == "ours" else 0
+    # ours (recompute=True) recomputes q|k|v of each SAB in the backward (3 C^2 per atom)
+    recompute = n_enc * 3 * c * c * rows if impl == "ours" else 0
     return (3 * 2 * macs + 2 * recompute) / 1e9
 
 
 def agreement(models, x, batch, sizes, fp64_molecules: int = 32):
-    """Do both compute the same function? fp32 outputs ``allclose`` on the whole batch; outputs and
-    input gradients in float64 on the first ``fp64_molecules`` molecules agree to 1e-10 (relative).
+    """Does each of ours compute the same function as PyG's? fp32 outputs ``allclose`` on the whole
+    batch; outputs and input gradients in float64 on the first ``fp64_molecules`` molecules agree to
+    1e-10 (relative). Returns ``{impl: (same, text)}``.
 
     fp32 *gradients* are not compared directly: both implementations' fp32 input gradients
     differ from the float64 ones by ~1e-3 (relative) at QMugs sizes (cancellation in the
     backward pass), so equality there is a property of fp32, not of the implementation.
     """
     outs = {impl: models[impl](x, batch).detach() for impl in IMPLS}
-    out_diff = (outs["ours"] - outs["pyg"]).abs().max().item()
-    same32 = bool(torch.allclose(outs["ours"], outs["pyg"], rtol=1e-5, atol=1e-5))
     n = sum(sizes[:fp64_molecules])
     res = {}
     for impl in IMPLS:
@@ -131,9 +131,13 @@ def agreement(models, x, batch, sizes, fp64_molecules: int = 32):
         for p in m.parameters():
             p.grad = None
         m.float()
-    rel = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res["ours"], res["pyg"])]
-    same = same32 and max(rel) < 1e-10
-    return same, f"{out_diff:.1e}; {rel[0]:.0e}, {rel[1]:.0e}"
+    checks = {}
+    for impl in IMPLS[1:]:
+        out_diff = (outs[impl] - outs["pyg"]).abs().max().item()
+        same32 = bool(torch.allclose(outs[impl], outs["pyg"], rtol=1e-5, atol=1e-5))
+        rel = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res[impl], res["pyg"])]
+        checks[impl] = (same32 and max(rel) < 1e-10, f"{out_diff:.1e}; {rel[0]:.0e}, {rel[1]:.0e}")
+    return checks
 
 
 def child(args) -> None:
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dists", nargs="+", default=list(DISTRIBUTIONS), choices=list(DISTRIBUTIONS))
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast (not exact; reported separately)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--child-impl", help=argparse.SUPPRESS)
+    ap.add_argument("--child-impl", help=argparse.SUPPRESS, choices=IMPLS)
     ap.add_argument("--child-dist", help=argparse.SUPPRESS)
     ap.add_argument("--child-bf16", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
     for dist in args.dists:
         x, batch, sizes = make_inputs(dist, args.batch_size, args.channels)
         models = {impl: build(impl, args.channels, args.heads) for impl in IMPLS}
-        same, check = agreement(models, x, batch, sizes)
+        checks = agreement(models, x, batch, sizes)
         for vname, bf16 in variants:
             steps = {impl: make_step(models[impl], x, batch, bf16)[0] for impl in IMPLS}
             times = interleaved(steps, args.repeats)
@@ -196,21 +200,22 @@ def main(argv=None) -> int:
                     mem[impl] = run_child(Path(__file__), extra)["peak_mib"]
             t = {impl: median(times[impl]) for impl in IMPLS}
             gf = {impl: executed_gflop(impl, sizes, args.channels, args.heads) for impl in IMPLS}
-            speedup = t["pyg"] / t["ours"]
-            mem_ratio = mem["ours"] / mem["pyg"] if mem else float("nan")
             for impl in IMPLS:
-                rows.append([dist, vname, impl, f"{min(sizes)}-{max(sizes)}", sum(sizes), f"{t[impl] * 1e3:.0f}",
-                             f"{min(times[impl]) * 1e3:.0f}", f"{mem[impl]:.0f}" if mem else "-",
-                             f"{gf[impl]:.1f}", f"{gf[impl] / t[impl]:.0f}",
-                             f"{speedup:.2f}x" if impl == "ours" else "",
-                             (f"{mem_ratio:.2f}" if mem else "-") if impl == "ours" else "",
-                             ("yes" if same else "NO") + f" ({check})"
-                             if impl == "ours" and vname == "fp32" else ""])
-            summary.append(f"{dist}/{vname} {speedup:.2f}x time" + (f", {mem_ratio:.2f} memory" if mem else ""))
-            if vname == "fp32":
-                summary[-1] += ", identical" if same else ", NOT IDENTICAL"
+                ours = impl != "pyg"
+                rows.append([dist, vname, LABELS[impl], f"{min(sizes)}-{max(sizes)}", sum(sizes),
+                             f"{t[impl] * 1e3:.0f}", f"{min(times[impl]) * 1e3:.0f}",
+                             f"{mem[impl]:.0f}" if mem else "-", f"{gf[impl]:.1f}", f"{gf[impl] / t[impl]:.0f}",
+                             f"{t['pyg'] / t[impl]:.2f}x" if ours else "",
+                             (f"{mem[impl] / mem['pyg']:.2f}" if mem else "-") if ours else "",
+                             ("yes" if checks[impl][0] else "NO") + f" ({checks[impl][1]})"
+                             if ours and vname == "fp32" else ""])
+                if ours:
+                    summary.append(f"{dist}/{vname}/{LABELS[impl]} {t['pyg'] / t[impl]:.2f}x time" +
+                                   (f", {mem[impl] / mem['pyg']:.2f} memory" if mem else "") +
+                                   ((", identical" if checks[impl][0] else ", NOT IDENTICAL") if vname == "fp32"
+                                    else ""))
     print(fmt_table(["sizes", "dtype", "impl", "atoms/mol", "atoms", "median ms", "min ms", "peak MiB",
-                     "GFLOP", "GFLOP/s", "speed-up", "mem ours/pyg", "same numbers (fp32 out diff; fp64 out, grad rel diff)"], rows))
+                     "GFLOP", "GFLOP/s", "speed-up", "mem / PyG", "same numbers (fp32 out diff; fp64 out, grad rel diff)"], rows))
     print(f"# peak MiB: extra resident memory of one step in a fresh process (see benchmarks/_common.py); "
           f"GFLOP/s: executed analytic FLOPs / median time; matmul peak fp32 {peak['fp32']:.0f} GFLOP/s")
     print("SUMMARY readout: " + "; ".join(summary))

@@ -161,6 +161,26 @@ def test_fused_and_generic_paths_agree(kw, monkeypatch):
         assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("group_rows", [1, 7])
+def test_fused_block_in_row_groups(group_rows, monkeypatch):
+    """The fused SAB processes q|k|v a group of blocks at a time: any grouping, same numbers."""
+    r = make()
+    x, batch = features([5, 1, 9, 5, 3, 9, 9, 2, 14, 5, 3], seed=7)
+    x1 = x.clone().requires_grad_(True)
+    out = r(x1, batch)
+    out.pow(2).sum().backward()
+    want = [x1.grad] + [p.grad.clone() for p in r.parameters()]
+    r.zero_grad()
+    monkeypatch.setattr(readouts, "_GROUP_ROWS", group_rows)
+    assert len(readouts._row_groups(SetLayout(batch, 11).buckets)) > 1
+    x2 = x.clone().requires_grad_(True)
+    out2 = r(x2, batch)
+    out2.pow(2).sum().backward()
+    assert torch.allclose(out2, out, atol=1e-13)
+    for a, b in zip([x2.grad] + [p.grad for p in r.parameters()], want):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 def test_set_layout_orders_and_padding():
     sizes = [3, 0, 1, 3, 2, 0]
     batch = torch.repeat_interleave(torch.arange(6), torch.tensor(sizes))
