@@ -193,7 +193,7 @@ def main(argv=None) -> int:
             times = interleaved(steps, args.repeats)
             mem = {}
             if not args.no_memory:
-                for impl in IMPLS:
+                for impl in (IMPLS[:2] if args.quick else IMPLS):
                     extra = ["--child-impl", impl, "--child-dist", dist, "--batch-size", str(args.batch_size),
                              "--channels", str(args.channels), "--heads", str(args.heads),
                              "--threads", str(args.threads)] + (["--child-bf16"] if bf16 else [])
@@ -204,14 +204,14 @@ def main(argv=None) -> int:
                 ours = impl != "pyg"
                 rows.append([dist, vname, LABELS[impl], f"{min(sizes)}-{max(sizes)}", sum(sizes),
                              f"{t[impl] * 1e3:.0f}", f"{min(times[impl]) * 1e3:.0f}",
-                             f"{mem[impl]:.0f}" if mem else "-", f"{gf[impl]:.1f}", f"{gf[impl] / t[impl]:.0f}",
-                             f"{t['pyg'] / t[impl]:.2f}x" if ours else "",
-                             (f"{mem[impl] / mem['pyg']:.2f}" if mem else "-") if ours else "",
+                             f"{mem[impl]:.0f}" if impl in mem else "-", f"{gf[impl]:.1f}",
+                             f"{gf[impl] / t[impl]:.0f}", f"{t['pyg'] / t[impl]:.2f}x" if ours else "",
+                             (f"{mem[impl] / mem['pyg']:.2f}" if impl in mem else "-") if ours else "",
                              ("yes" if checks[impl][0] else "NO") + f" ({checks[impl][1]})"
                              if ours and vname == "fp32" else ""])
                 if ours:
                     summary.append(f"{dist}/{vname}/{LABELS[impl]} {t['pyg'] / t[impl]:.2f}x time" +
-                                   (f", {mem[impl] / mem['pyg']:.2f} memory" if mem else "") +
+                                   (f", {mem[impl] / mem['pyg']:.2f} memory" if impl in mem else "") +
                                    ((", identical" if checks[impl][0] else ", NOT IDENTICAL") if vname == "fp32"
                                     else ""))
     print(fmt_table(["sizes", "dtype", "impl", "atoms/mol", "atoms", "median ms", "min ms", "peak MiB",

@@ -42,8 +42,8 @@ def config(backbone: str, quick: bool) -> dict:
         bb = dict(hidden_channels=32, num_filters=32, num_interactions=2) if quick else \
             dict(hidden_channels=128, num_filters=128, num_interactions=6)
         return dict(backbone=bb, width=bb["hidden_channels"], heads=4 if quick else 8)
-    bb = dict(hidden_channels=32, num_blocks=2, int_emb_size=16, basis_emb_size=4, out_emb_channels=32) if quick \
-        else dict()
+    bb = dict(hidden_channels=32, num_blocks=2, int_emb_size=16, basis_emb_size=4, out_emb_channels=32,
+              num_spherical=3, num_radial=3) if quick else dict()
     return dict(backbone=bb, width=bb.get("hidden_channels", 256), heads=4 if quick else 16)
 
 
@@ -152,9 +152,10 @@ def backbone_gflop(backbone: str, batch, quick: bool, fast: bool, checkpoint: bo
     ei = radius_graph(batch.pos, 5.0, batch.batch, 32)
     e = ei.size(1)
     tr = triplets(ei, n)[2].numel()
-    inter = e * (2 * h * h + 6 * be + be * h + h * ie + ie * h + 7 * h * h) + tr * (42 * be + be * ie)
-    outb = e * 6 * h + n * (h * oe + 3 * oe * oe + oe * h)
-    emb = e * (6 * h + 3 * h * h)
+    ns, nr = cfg.get("num_spherical", 7), cfg.get("num_radial", 6)
+    inter = e * (2 * h * h + nr * be + be * h + h * ie + ie * h + 7 * h * h) + tr * (ns * nr * be + be * ie)
+    outb = e * nr * h + n * (h * oe + 3 * oe * oe + oe * h)
+    emb = e * (nr * h + 3 * h * h)
     passes = 4 if fast and checkpoint else 3
     return passes * 2 * (blocks * inter + (blocks + 1) * outb + emb) / 1e9
 
