@@ -222,7 +222,7 @@ class _TripletMessage(torch.autograd.Function):
         out = x.new_zeros(num_edges, w.size(0))
         for c0 in range(0, idx_kj.numel(), chunk):
             sl = slice(c0, c0 + chunk)
-            msg = x.index_select(0, idx_kj[sl]) * F.linear(s[sl], w).to(x.dtype)
+            msg = x.index_select(0, idx_kj[sl]) * F.linear(s[sl], w.to(s.dtype)).to(x.dtype)
             out.index_add_(0, idx_ji[sl], msg)
         ctx.chunk = chunk
         ctx.save_for_backward(x, s, w, idx_kj, idx_ji)
@@ -236,10 +236,10 @@ class _TripletMessage(torch.autograd.Function):
         for c0 in range(0, idx_kj.numel(), ctx.chunk):
             sl = slice(c0, c0 + ctx.chunk)
             gm = grad.index_select(0, idx_ji[sl])
-            gx.index_add_(0, idx_kj[sl], gm * F.linear(s[sl], w).to(gm.dtype))
+            gx.index_add_(0, idx_kj[sl], (gm * F.linear(s[sl], w.to(s.dtype))).to(gx.dtype))
             gm.mul_(x.index_select(0, idx_kj[sl]))  # d msg / d (s w^T)
             gs[sl] = gm.to(w.dtype) @ w
-            gw.addmm_(gm.t().to(w.dtype), s[sl])
+            gw.addmm_(gm.t().to(w.dtype), s[sl].to(w.dtype))
         return gx, gs, gw, None, None, None, None
 
 

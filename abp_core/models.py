@@ -140,8 +140,13 @@ class SchNetBackbone(torch.nn.Module):
         for block, part in zip(self.interactions, hidden.split(f, dim=1)):
             filters = block.mlp[2](part) * cut
             x = F.linear(h, block.conv.lin1.weight)
-            if compiling:  # plain ops: the compiler fuses gather, product and scatter into one loop
-                x = x.new_zeros(num_nodes, f).index_add_(0, dst, x.index_select(0, src) * filters.index_select(0, pair))
+            if compiling:  # plain ops: the compiler fuses gather, product and scatter
+                if src.numel() == 2 * filters.size(0):  # every pair in both directions
+                    msg_a, msg_b = x.index_select(0, b) * filters, x.index_select(0, a) * filters
+                    x = msg_a.new_zeros(num_nodes, f).index_add_(0, a, msg_a).index_add_(0, b, msg_b)
+                else:
+                    msg = x.index_select(0, src) * filters.index_select(0, pair)
+                    x = msg.new_zeros(num_nodes, f).index_add_(0, dst, msg)
             else:
                 x = gather_mul_scatter(x, filters, src, dst, pair, num_nodes, pairs=(a, b))
             h = h + block.lin(block.act(block.conv.lin2(x)))

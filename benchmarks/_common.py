@@ -78,8 +78,11 @@ def _status_kib(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1))
 
 
-def measure_step_memory(setup: Callable[[], Callable[[], None]]) -> Dict[str, float]:
-    """Peak extra resident memory (MiB) of one call of the step built by ``setup`` (see module doc)."""
+def measure_step_memory(setup: Callable[[], Callable[[], None]], warmup: bool = True) -> Dict[str, float]:
+    """Peak extra resident memory (MiB) of one call of the step built by ``setup`` (see module doc).
+
+    ``warmup=False`` measures the first step (for steps that take many seconds; one-time set-up
+    costs are a few MiB, negligible against the GiB measured then)."""
     import gc
 
     step = setup()
@@ -89,7 +92,8 @@ def measure_step_memory(setup: Callable[[], Callable[[], None]]) -> Dict[str, fl
     except OSError:
         resettable = False
     if resettable:
-        step()
+        if warmup:
+            step()
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")
         before = _status_kib("VmRSS")

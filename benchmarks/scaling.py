@@ -6,7 +6,8 @@ paper), our ABP with ISABs (``num_induced_points=16``: memory linear in n), and 
 ``SetTransformerAggregation`` for reference. Time: median of interleaved runs; memory: peak extra
 resident memory of one step in a fresh process (see ``_common.py``). The SAB's attention is
 O(n^2) in time; with flash attention its memory is O(n) too, so the ISAB's advantage shows in time
-at large n. One summary line at the end (growth of time and memory from the smallest to the largest n).
+at large n. One summary line at the end: growth exponents of time and memory between the two
+largest sizes (1 = linear, 2 = quadratic).
 
     .venv/bin/python benchmarks/scaling.py            # n = 10 ... 1000 (~2-3 min)
     .venv/bin/python benchmarks/scaling.py --quick    # n = 10, 40 at width 64 (~15 s)
@@ -112,11 +113,14 @@ def main(argv=None) -> int:
                          f"{gf:.2f}", f"{gf / t:.0f}"])
     print(fmt_table(["atoms/mol", "impl", "median ms", "peak MiB", "ms per atom/mol", "MiB per atom/mol",
                      "GFLOP", "GFLOP/s"], rows))
-    lo, hi = sizes[0], sizes[-1]
+    import math
+
+    mid, hi = sizes[-2], sizes[-1]
     parts = []
-    for impl in IMPLS:
-        (t0, m0), (t1, m1) = res[impl, lo], res[impl, hi]
-        parts.append(f"{impl} n {lo}->{hi}: time x{t1 / t0:.0f}, memory x{m1 / m0:.0f}")
+    for impl in IMPLS:  # growth exponents between the two largest sizes: 1 = linear, 2 = quadratic
+        (t0, m0), (t1, m1) = res[impl, mid], res[impl, hi]
+        parts.append(f"{impl} n {mid}->{hi}: time ~n^{math.log(t1 / t0) / math.log(hi / mid):.2f}, "
+                     f"memory ~n^{math.log(m1 / m0) / math.log(hi / mid):.2f}")
     sab, isab = res["ours SAB", hi], res["ours ISAB", hi]
     parts.append(f"at n={hi} ISAB/SAB time {isab[0] / sab[0]:.2f}, memory {isab[1] / sab[1]:.2f}")
     print("SUMMARY scaling: " + "; ".join(parts))

@@ -12,9 +12,11 @@ SAB, no input/output projection (as PyG's aggregation), 8 heads (SchNet) / 16 he
 
 Prints molecules/second (median of interleaved steps), speed-up, peak extra memory of one step
 (fresh subprocess, see ``_common.py``), executed GFLOP/s against the matmul peak, and the agreement
-with the stock path (fp32: allclose predictions and gradients; bf16: relative error). One summary line.
+with the stock path (fp32: allclose predictions and gradients; bf16: relative L2 error of the predictions
+at most 1e-1 -- bf16 keeps ~3 significant digits, and six interactions accumulate that to a few per cent;
+whether that matters for accuracy is what ``fast_path_accuracy.py`` checks). One summary line.
 
-    .venv/bin/python benchmarks/train_step.py               # full run
+    .venv/bin/python benchmarks/train_step.py               # default run (~4 min; DimeNet++ steps are slow)
     .venv/bin/python benchmarks/train_step.py --quick       # CI smoke run (tiny models)
     .venv/bin/python benchmarks/train_step.py --compile     # also torch.compile variants (slow to compile)
 """
@@ -125,11 +127,11 @@ def agreement(models, batch, bf16_variants):
     grad_diff = ((res["ours"][1] - res["stock"][1]).abs().max() / res["stock"][1].abs().max()).item()
     same = pred_diff < 1e-5 and grad_diff < 1e-3
     out = {"fp32": (same, f"pred {pred_diff:.0e}, grad {grad_diff:.0e}")}
-    if bf16_variants:
+    if bf16_variants:  # stated tolerance: relative L2 error of the predictions <= 1e-1
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             pred16 = models["ours"](batch)[:, 0].float()
-        err = ((pred16 - res["stock"][0]).abs().max() / res["stock"][0].abs().max()).item()
-        out["bf16"] = (err < 5e-2, f"pred rel err {err:.1e} (tol 5e-2)")
+        err = ((pred16 - res["stock"][0]).norm() / res["stock"][0].norm()).item()
+        out["bf16"] = (err < 1e-1, f"pred rel L2 err {err:.1e}, tol 1e-1")
     return out
 
 
@@ -165,7 +167,8 @@ def child(args) -> None:
     batch = load_batch(args.batch_size)
     kind, bf16 = VARIANTS[args.child_variant]
     model = build(args.child_backbone, kind, args.quick)
-    print(json.dumps(measure_step_memory(lambda: make_step(model, batch, bf16))))
+    print(json.dumps(measure_step_memory(lambda: make_step(model, batch, bf16),
+                                         warmup=args.child_backbone == "schnet")))
 
 
 def main(argv=None) -> int:
@@ -173,11 +176,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny models and batch (~20 s)")
     ap.add_argument("--backbones", nargs="+", default=["schnet", "dimenet++"], choices=["schnet", "dimenet++"])
     ap.add_argument("--batch-size", type=int, default=None, help="molecules per step (default 128)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5; DimeNet++ 3)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed steps per variant after one warm-up round (default 5; DimeNet++ 1: a stock "
+                         "DimeNet++ step takes ~20 s)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--compile", action="store_true", help="also time torch.compile variants (compile time reported)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-ckpt", action="store_true",
+                    help="also DimeNet++'s fast path without activation checkpointing (slow: ~7 GB)")
     ap.add_argument("--child-backbone", help=argparse.SUPPRESS)
     ap.add_argument("--child-variant", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -201,7 +208,7 @@ def main(argv=None) -> int:
         cfg = config(backbone, args.quick)
         names = [n for n in all_names if "compile" not in n or backbone == "schnet"]
         models = {"stock": build(backbone, "stock", args.quick), "ours": build(backbone, "ours", args.quick)}
-        if backbone == "dimenet++":
+        if backbone == "dimenet++" and args.no_ckpt:
             names = names[:2] + ["ours fp32 no-ckpt"] + names[2:]
             models["ours-nockpt"] = build(backbone, "ours-nockpt", args.quick)
         check = agreement(models, batch, not args.no_bf16)
@@ -214,7 +221,7 @@ def main(argv=None) -> int:
                 make_step(models["ours-compile"], batch, bf16)()  # dynamic-shape recompile, if any
             compile_s = time.perf_counter() - t0
         steps = {n: make_step(models[VARIANTS[n][0]], batch, VARIANTS[n][1]) for n in names}
-        repeats = args.repeats or (2 if args.quick else (5 if backbone == "schnet" else 3))
+        repeats = args.repeats or (2 if args.quick else (5 if backbone == "schnet" else 1))
         times = interleaved(steps, repeats)
         mem = {}
         if not args.no_memory:

@@ -358,3 +358,19 @@ def test_undirected_pairs_and_gather_mul_scatter():
     assert torch.allclose(gather_mul_scatter(x, w[:2], sym[0], sym[1], pair2, 4, pairs=(a2, b2)), want)
     assert torch.autograd.gradcheck(
         lambda x, w: gather_mul_scatter(x, w, sym[0], sym[1], pair2, 4, pairs=(a2, b2)), (x, w[:2].detach()))
+
+
+@pytest.mark.parametrize("name", ["schnet", "dimenet++"])
+def test_fast_backbone_trains_under_bf16_autocast(name, qm7b_molecules):
+    from torch_geometric.data import Batch
+
+    stock, fast = _backbones(name)
+    stock, fast = stock.float(), fast.float()
+    b = Batch.from_data_list(qm7b_molecules[:6])
+    pos = b.pos.float()
+    want = stock(b.z, pos, b.batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast(b.z, pos, b.batch)
+    got.float().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters() if p.requires_grad)
+    assert ((got.float() - want).norm() / want.norm()).item() < 5e-2
