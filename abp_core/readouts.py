@@ -490,11 +490,15 @@ def packed_self_attention(qkv: Tensor, layout: SetLayout, heads: int, dropout_p:
                           force_generic: bool = False) -> Tensor:
     """Multi-head self-attention within each molecule: packed ``[N, 3C]`` (q|k|v) -> ``[N, C]``.
 
-    On CPU without dropout: :class:`_PackedSelfAttention` (fused kernels, custom backward);
-    otherwise (or with ``force_generic``) per-block
+    On CPU without dropout: :class:`_PackedSelfAttention` (fused kernels, custom backward; in
+    float32 for bf16/fp16 inputs); otherwise (or with ``force_generic``) per-block
     :func:`torch.nn.functional.scaled_dot_product_attention` under autograd.
     """
     if not force_generic and _cpu_flash_available(qkv, dropout_p):
+        if qkv.dtype in (torch.bfloat16, torch.float16):
+            # bf16 autocast: the CPU flash kernels' reduced-precision backward is ~6x slower than
+            # their float32 one (and less accurate), so attention runs in float32 (matmuls stay bf16).
+            return _PackedSelfAttention.apply(qkv.float(), layout.buckets, heads)
         return _PackedSelfAttention.apply(qkv, layout.buckets, heads)
     c = qkv.size(1) // 3
     outs = []
@@ -760,8 +764,10 @@ class AttentionPooling(Readout):
         input_projection: apply the input :math:`\mathrm{Linear}_\phi` (default ``True``).
         output_projection: apply the output :math:`\mathrm{Linear}_\phi` (default ``True``).
         num_induced_points: if given, the encoder uses induced set attention blocks
-            (:class:`InducedSetAttentionBlock`) with this many induced points instead of
-            SABs: memory linear in the number of atoms (default ``None``: SABs, the paper).
+            (:class:`InducedSetAttentionBlock`) with this many induced points ``m`` instead of
+            SABs: time ``O(n m)`` instead of ``O(n^2)`` per molecule, memory linear in the number
+            of atoms (default ``None``: SABs, the paper; with flash attention their memory is
+            linear in ``n`` too, see ``benchmarks/scaling.py``).
         recompute: recompute each SAB's ``q|k|v`` in the backward instead of storing it (default
             ``True``: about half the training memory for one extra matmul per SAB; see
             :class:`_FusedSelfAttentionBlock`).
@@ -769,10 +775,13 @@ class AttentionPooling(Readout):
             runs on blocks of equal-size molecules, with no padding at all).
 
     Implementation (exact, see ``benchmarks/README.md``): atoms are sorted by molecule
-    size once, linear layers run on all packed atoms, self-attention runs as one fused
-    flash-attention call per block of equal-size molecules (zero-copy views, no masks),
-    and the PMA is computed on the packed keys with a per-molecule softmax, projecting
-    keys and values per molecule instead of per atom.
+    size once (:class:`SetLayout`), linear layers run on all packed atoms, self-attention
+    runs as one fused flash-attention call per block of equal-size molecules (zero-copy
+    views, no masks, no padding); on CPU each SAB is one autograd node with a hand-written,
+    low-memory backward (:class:`_FusedSelfAttentionBlock`); the PMA is computed on the
+    packed keys with a per-molecule softmax, projecting keys and values per molecule
+    instead of per atom. Same numbers as PyG's ``SetTransformerAggregation`` (fp32
+    ``allclose``, float64 to 1e-15).
     """
 
     weighted = True
