@@ -453,7 +453,7 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
         h = torch.addmm(b_o, out, w_o.t()).add_(x)
         z = torch.addmm(b_l, h, w_l.t())
         mask = z > 0
-        y = torch.addcmul(h, z, mask)
+        y = z.relu_().add_(h)
         ctx.groups, ctx.heads, ctx.num_lses = groups, heads, len(lses)
         ctx.save_for_backward(x, w_in, b_in, w_o, w_l, out, h, mask, *lses, *kept)
         return y
@@ -464,7 +464,7 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
         x, w_in, b_in, w_o, w_l, out, h, mask, *rest = ctx.saved_tensors
         lses, kept = rest[:ctx.num_lses], rest[ctx.num_lses:]
         gy = gy.contiguous()
-        gz = gy * mask
+        gz = torch.where(mask, gy, gy.new_zeros(()))  # (gy * mask would first convert the mask to float)
         gw_l, gb_l = gz.t().mm(h), gz.sum(0)
         gh = torch.addmm(gy, gz, w_l)  # dL/dh = gy + gz W_l; becomes dL/dx below
         gw_o, gb_o = gh.t().mm(out), gh.sum(0)
@@ -484,6 +484,41 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
             gb_in += grad.sum(0)
             gh[r0:r1].addmm_(grad, w_in)
         return (gh if ctx.needs_input_grad[0] else None), gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, None, None, None
+
+
+class _BlockPool(torch.autograd.Function):
+    """``out[m] = a[m, :n_m]^T y_m`` for every molecule: attention-weighted sums of sorted packed rows.
+
+    ``a`` ``[M', n_max, K]`` weights (padded per molecule), ``y`` ``[N, C]``. One batched matmul per
+    block of equal-size molecules on zero-copy views of ``y``: no padded copy of ``y`` and of its
+    gradient, as ``bmm(a^T, pad(y))`` would need.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, y: Tensor, buckets):
+        c = y.size(1)
+        out = y.new_empty(a.size(0), a.size(2), c)
+        for r0, m0, b, n in buckets:
+            torch.bmm(a[m0:m0 + b, :n].transpose(1, 2), y[r0:r0 + b * n].view(b, n, c), out=out[m0:m0 + b])
+        ctx.buckets = buckets
+        ctx.save_for_backward(a, y)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        a, y = ctx.saved_tensors
+        grad = grad.to(y.dtype).contiguous()
+        c = y.size(1)
+        ga = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
+        gy = torch.empty_like(y) if ctx.needs_input_grad[1] else None
+        for r0, m0, b, n in ctx.buckets:
+            g, yb = grad[m0:m0 + b], y[r0:r0 + b * n].view(b, n, c)
+            if ga is not None:
+                ga[m0:m0 + b, :n] = torch.bmm(yb, g.transpose(1, 2))
+            if gy is not None:
+                torch.bmm(a[m0:m0 + b, :n], g, out=gy[r0:r0 + b * n].view(b, n, c))
+        return ga, gy, None
 
 
 def packed_self_attention(qkv: Tensor, layout: SetLayout, heads: int, dropout_p: float = 0.0,
@@ -639,14 +674,14 @@ class MultiheadAttentionBlock(torch.nn.Module):
         """
         k, c, heads = queries.size(0), self.channels, self.heads
         d = c // heads
-        # Softmax and weighted sum on a padded [M', n_max, .] copy: two dense ops instead of
-        # several per block; padding gets -inf logits (zero weight).
+        # Softmax on padded [M', n_max, k*H] logits (small; padding gets -inf: zero weight), then
+        # per-block weighted sums on the packed keys.
         scores = layout.pad(self.seed_scores(queries, y), float("-inf"))  # [M', n_max, k*H]
         a = scores.softmax(dim=1)
         p = self._dropout()
         if p > 0:
             a = F.dropout(a, p)
-        pooled = torch.bmm(a.transpose(1, 2), layout.pad(y, 0.0)).view(-1, k, heads, c)  # [M', k, H, C]
+        pooled = _BlockPool.apply(a.to(y.dtype), y, layout.buckets).view(-1, k, heads, c)  # [M', k, H, C]
         _, w_v = self.in_proj_weight.split([2 * c, c])
         b_v = self.in_proj_bias[2 * c:].view(heads, d)
         out = torch.einsum("mkhc,hdc->mkhd", pooled, w_v.view(heads, d, c))
