@@ -23,6 +23,7 @@ def bench():
     ("readout", ["--quick", "--dists", "qm9"]),  # with the fresh-process memory measurement
     ("scaling", ["--quick", "--no-memory"]),
     ("train_step", ["--quick", "--no-memory", "--no-bf16"]),
+    ("train_step", ["--quick", "--no-memory", "--no-bf16", "--backbones", "schnet", "--flush-denormal"]),
     ("fast_path_accuracy", ["--quick", "--seeds", "0", "--variants", "stock fp32", "ours fp32"]),
 ])
 def test_benchmark_quick(bench, script, args, capsys):
@@ -34,6 +35,7 @@ def test_benchmark_quick(bench, script, args, capsys):
         assert bench(script).main(args + ["--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # sub-normals not flushed: FP state restored
     out = capsys.readouterr().out
     summary = [line for line in out.splitlines() if line.startswith("SUMMARY")]
     assert len(summary) == 1 and out.rstrip().endswith(summary[0]), out
