@@ -5,6 +5,8 @@
 * :func:`compare_readouts` puts two readouts side by side with the relative change in %.
 * :func:`wilcoxon_readouts` runs a Wilcoxon signed-rank test across tasks (paired per task, each task's
   value the mean over splits), as in the paper's section 4.
+* :func:`paired_molecule_test` compares two runs on the same test molecules (Wilcoxon on the
+  per-molecule absolute errors), for when there are too few split seeds for a test across splits.
 * :func:`paper_table` loads the paper's Tables 1-4 (shipped as package data in ``abp_core/reference``),
   :func:`paper_relative_changes` recomputes the paper's per-task changes, :func:`with_paper` joins
   ours and theirs.
@@ -321,6 +323,59 @@ def wilcoxon_readouts(summary: pd.DataFrame, baseline: str = "sum", candidate: s
     out = wilcoxon_test(table[f"{baseline}_mean"], table[f"{candidate}_mean"], **kwargs)
     out.baseline, out.candidate = baseline, candidate
     return out
+
+
+def molecule_errors(run_dir: Union[str, Path], split: str = "test", weights: str = "best") -> pd.DataFrame:
+    """Per-molecule absolute errors of one finished run, from its ``predictions_{split}.csv``.
+
+    Columns: ``idx, target, abs_error`` (physical units), one row per molecule and target.
+    """
+    path = Path(run_dir) / f"predictions_{split}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no predictions (is the run finished?)")
+    df = pd.read_csv(path)
+    missing = {"split", "weights", "idx", "target", "y_true", "y_pred"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: not a predictions file, missing columns {sorted(missing)}")
+    df = df[(df["split"] == split) & (df["weights"] == weights)]
+    if df.empty:
+        raise ValueError(f"{path}: no {weights!r} predictions for the {split!r} split")
+    out = df[["idx", "target"]].copy()
+    out["abs_error"] = (df["y_pred"] - df["y_true"]).abs().astype(float)
+    if out["abs_error"].isna().any():
+        raise ValueError(f"{path}: NaN predictions or targets")
+    if out.duplicated(["idx", "target"]).any():
+        raise ValueError(f"{path}: duplicate (idx, target) rows")
+    return out.reset_index(drop=True)
+
+
+def paired_molecule_test(baseline_run: Union[str, Path], candidate_run: Union[str, Path],
+                         split: str = "test", weights: str = "best") -> Dict[str, float]:
+    """Two-sided Wilcoxon signed-rank test on the per-molecule absolute errors of two runs.
+
+    Both runs must have predicted the same molecules (the same split), matched by ``(idx, target)``.
+    The test is conditional on the two trained models: it says whether one model's errors on this
+    test set are systematically lower, not how much training randomness moves that (that needs
+    several split seeds, :func:`wilcoxon_readouts`).
+
+    Returns ``n``, ``baseline_mae``, ``candidate_mae``, ``candidate_lower`` (fraction of molecules
+    where the candidate's error is lower), ``statistic`` and ``pvalue``.
+    """
+    from scipy.stats import wilcoxon
+
+    a = molecule_errors(baseline_run, split, weights)
+    b = molecule_errors(candidate_run, split, weights)
+    both = a.merge(b, on=["idx", "target"], suffixes=("_a", "_b"), how="outer", indicator=True)
+    if (both["_merge"] != "both").any():
+        raise ValueError(f"the runs predicted different molecules ({int((both['_merge'] != 'both').sum())} "
+                         f"unmatched rows): compare runs on the same split")
+    ea, eb = both["abs_error_a"].to_numpy(), both["abs_error_b"].to_numpy()
+    if len(ea) < 2:
+        raise ValueError(f"a Wilcoxon test needs at least 2 paired molecules, got {len(ea)}")
+    res = wilcoxon(ea, eb)
+    return {"n": int(len(ea)), "baseline_mae": float(ea.mean()), "candidate_mae": float(eb.mean()),
+            "candidate_lower": float(np.mean(eb < ea)), "statistic": float(res.statistic),
+            "pvalue": float(res.pvalue)}
 
 
 # ------------------------------------------------------------------------------------------------

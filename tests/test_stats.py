@@ -163,3 +163,47 @@ def test_collect_runs_reads_metrics_json(tmp_path):
     assert summary.loc["abp", "mae_mean"] == pytest.approx(0.003) and summary.loc["abp", "n_splits"] == 2
     assert math.isnan(summary.loc["sum", "mae_std"])  # one split: no std
     assert (stats.collect_runs(tmp_path, weights="last")["mae"] == 1.0).all()
+
+
+def _write_predictions(run_dir, idx, y_true, y_pred, extra_rows=()):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"split": "test", "weights": "best", "idx": i, "target": "homo", "unit": "eV", "y_true": t, "y_pred": p}
+            for i, t, p in zip(idx, y_true, y_pred)]
+    rows += [{"split": "test", "weights": "last", "idx": i, "target": "homo", "unit": "eV", "y_true": 0.0,
+              "y_pred": 99.0} for i in idx]  # other weights must be ignored
+    pd.DataFrame(rows + list(extra_rows)).to_csv(run_dir / "predictions_test.csv", index=False)
+
+
+def test_paired_molecule_test_matches_scipy_and_aligns_by_molecule(tmp_path):
+    rng = np.random.default_rng(0)
+    idx = np.arange(40) * 3 + 7
+    y = rng.normal(size=40)
+    err_a = rng.normal(scale=0.5, size=40)
+    err_b = 0.5 * rng.normal(scale=0.5, size=40)
+    _write_predictions(tmp_path / "a", idx, y, y + err_a)
+    perm = rng.permutation(40)  # candidate's file lists the molecules in another order
+    _write_predictions(tmp_path / "b", idx[perm], y[perm], (y + err_b)[perm])
+    res = stats.paired_molecule_test(tmp_path / "a", tmp_path / "b")
+    ref = scipy.stats.wilcoxon(np.abs(err_a), np.abs(err_b))
+    assert res["n"] == 40
+    assert res["pvalue"] == pytest.approx(ref.pvalue) and res["statistic"] == pytest.approx(ref.statistic)
+    assert res["baseline_mae"] == pytest.approx(np.abs(err_a).mean())
+    assert res["candidate_mae"] == pytest.approx(np.abs(err_b).mean())
+    assert res["candidate_lower"] == pytest.approx(np.mean(np.abs(err_b) < np.abs(err_a)))
+
+
+def test_paired_molecule_test_rejects_bad_input(tmp_path):
+    idx, y = np.arange(5), np.zeros(5)
+    _write_predictions(tmp_path / "a", idx, y, y + 1)
+    _write_predictions(tmp_path / "other_split", idx + 100, y, y + 1)
+    with pytest.raises(ValueError, match="different molecules"):
+        stats.paired_molecule_test(tmp_path / "a", tmp_path / "other_split")
+    _write_predictions(tmp_path / "nan", idx, y, np.array([0, 1, np.nan, 1, 1.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        stats.paired_molecule_test(tmp_path / "a", tmp_path / "nan")
+    with pytest.raises(FileNotFoundError, match="no predictions"):
+        stats.paired_molecule_test(tmp_path / "a", tmp_path / "missing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "predictions_test.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        stats.molecule_errors(tmp_path / "bad")
