@@ -203,11 +203,11 @@ def qm9():
     })
     per_seed = runs.pivot_table(index="split_seed", columns="readout", values="mae") * 1000
     per_seed = per_seed[[c for c in order if c in per_seed.columns]]
-    per_seed.index = per_seed.index.astype(int)
     md.append("\n## QM9 HOMO, first 4,000 molecules, random 80/10/10, SchNet 64/64/3\n")
     md.append(md_table(show, ".1f"))
     md.append("\nPer seed (test MAE, meV):\n")
-    md.append(md_table(per_seed.reset_index().rename(columns={"split_seed": "seed"}), ".1f"))
+    per_seed.index = [str(int(i)) for i in per_seed.index]  # (iterrows would turn an int column into floats)
+    md.append(md_table(per_seed.rename_axis("seed").reset_index(), ".1f"))
     # Too few seeds for a test across seeds: paired Wilcoxon on the per-molecule errors, per seed
     tests = []
     for seed, g in runs.groupby("split_seed"):
@@ -309,6 +309,16 @@ def agreement(runs: pd.DataFrame):
         if extra in keep.columns:
             cols.append(extra)
     md.append("\n## Attention vs GFN2-xTB HOMO shares (QM9 test molecules, best-validation checkpoints)\n")
+    # across seeds first: how stable is each readout's agreement from one trained model to the next?
+    by_seed = keep.pivot_table(index=["readout", "statistic"], columns="seed", values="mean")
+    across = by_seed.copy()
+    across.columns = [f"seed {int(c)}" for c in across.columns]
+    across["mean ± std over seeds"] = [fmt(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan)
+                                     for v in by_seed.to_numpy()]
+    across.reset_index().to_csv(OUT / "agreement_across_seeds.csv", index=False)
+    md.append("Per-seed means over the test molecules, and their mean ± std over seeds:\n")
+    md.append(md_table(across.reset_index(), ".3f"))
+    md.append("\nPer seed, with bootstrap CIs and the test against random weights:\n")
     md.append(md_table(keep[cols].reset_index(drop=True), ".3g"))
     md.append("\nrandom = flat Dirichlet weights (1000 draws per molecule); p = one-sided test that the readout "
               "beats random (Wilcoxon signed-rank for correlations, exact Poisson-binomial for top-1). "

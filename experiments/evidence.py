@@ -150,7 +150,7 @@ def train():
     label_qm9()
     ds = qm9_dataset()
     # priority order: QM9 seed 0 (needed for the agreement study), 3 QM7b paper splits (the minimum),
-    # the 4th split, a 2nd QM9 seed, the 5th split; the deadline guard cuts from the end
+    # the 4th split, further QM9 seeds, the 5th split; the deadline guard cuts from the end
     order = [("qm9", QM9_SEEDS[0])] + [("qm7b", s) for s in QM7B_SEEDS[:4]] + \
             [("qm9", s) for s in QM9_SEEDS[1:]] + [("qm7b", s) for s in QM7B_SEEDS[4:]]
     for kind, seed in order:
