@@ -438,23 +438,45 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
     exists; the price is one extra ``x W_in`` matmul in the backward. With ``recompute=False``
     the groups' ``q|k|v`` are kept (6.25 activations, no extra matmul). Same numbers as the
     autograd composition (:meth:`MultiheadAttentionBlock.forward_packed` with ``fused=False``).
+
+    ``mm_dtype`` (e.g. ``torch.bfloat16`` under CPU autocast): the matmuls run in that dtype and the
+    attention output is stored in it, while attention itself runs in float32 (the CPU flash
+    kernels' bf16 backward is ~6x slower) and the residual stream (``h``, ``y`` and their
+    gradients) stays in ``x``'s dtype, as under autocast. Not exact, like autocast; the gradients
+    come back in the parameters' and ``x``'s dtypes.
     """
 
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_o, b_o, w_l, b_l, buckets, heads: int, recompute: bool):
+    def forward(ctx, x, w_in, b_in, w_o, b_o, w_l, b_l, buckets, heads: int, recompute: bool,
+                mm_dtype: Optional[torch.dtype] = None):
+        cd = mm_dtype or x.dtype
+        lowp = mm_dtype is not None
         groups = _row_groups(buckets)
-        out = x.new_empty(x.size(0), w_o.size(1))
+        w_in_c, b_in_c, w_o_c, b_o_c, w_l_c, b_l_c = (t.to(cd) for t in (w_in, b_in, w_o, b_o, w_l, b_l))
+        out = x.new_empty(x.size(0), w_o.size(1), dtype=cd)
         lses, kept = [], []
-        for r0, r1, blocks in groups:
-            qkv = torch.addmm(b_in, x[r0:r1], w_in.t())
-            lses.extend(_flash_forward(qkv, blocks, heads, out=out[r0:r1])[1])
-            if not recompute:
-                kept.append(qkv)
-        h = torch.addmm(b_o, out, w_o.t()).add_(x)
-        z = torch.addmm(b_l, h, w_l.t())
-        mask = z > 0
-        y = z.relu_().add_(h)
-        ctx.groups, ctx.heads, ctx.num_lses = groups, heads, len(lses)
+        with torch.autocast(x.device.type, enabled=False):
+            for r0, r1, blocks in groups:
+                qkv = torch.addmm(b_in_c, x[r0:r1].to(cd), w_in_c.t())
+                if lowp:  # attention in float32, its output stored in the matmul dtype
+                    o32, blses = _flash_forward(qkv.float(), blocks, heads)
+                    out[r0:r1].copy_(o32)
+                else:
+                    blses = _flash_forward(qkv, blocks, heads, out=out[r0:r1])[1]
+                lses.extend(blses)
+                if not recompute:
+                    kept.append(qkv)
+            if lowp:
+                h = torch.addmm(b_o_c, out, w_o_c.t()).to(x.dtype).add_(x)
+                z = torch.addmm(b_l_c, h.to(cd), w_l_c.t())
+                mask = z > 0
+                y = torch.add(h, z.relu_())
+            else:
+                h = torch.addmm(b_o_c, out, w_o_c.t()).add_(x)
+                z = torch.addmm(b_l_c, h, w_l_c.t())
+                mask = z > 0
+                y = z.relu_().add_(h)
+        ctx.groups, ctx.heads, ctx.num_lses, ctx.mm_dtype = groups, heads, len(lses), mm_dtype
         ctx.save_for_backward(x, w_in, b_in, w_o, w_l, out, h, mask, *lses, *kept)
         return y
 
@@ -463,6 +485,11 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         x, w_in, b_in, w_o, w_l, out, h, mask, *rest = ctx.saved_tensors
         lses, kept = rest[:ctx.num_lses], rest[ctx.num_lses:]
+        if ctx.mm_dtype is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                grads = _fused_sab_backward_low_precision(ctx, gy.to(x.dtype).contiguous(), x, w_in, b_in, w_o,
+                                                          w_l, out, h, mask, lses, kept)
+            return grads + (None, None, None, None)
         gy = gy.contiguous()
         gz = gy * mask  # ReLU backward; 3x faster than torch.where(mask, gy, 0) on CPU (measured)
         gw_l, gb_l = gz.t().mm(h), gz.sum(0)
@@ -483,7 +510,39 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
             gw_in.addmm_(grad.t(), xg)
             gb_in += grad.sum(0)
             gh[r0:r1].addmm_(grad, w_in)
-        return (gh if ctx.needs_input_grad[0] else None), gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, None, None, None
+        return (gh if ctx.needs_input_grad[0] else None), gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, None, None, None, None
+
+
+def _fused_sab_backward_low_precision(ctx, gy, x, w_in, b_in, w_o, w_l, out, h, mask, lses, kept):
+    """:class:`_FusedSelfAttentionBlock`'s backward with ``mm_dtype`` matmuls: residual-stream gradients,
+    bias gradients and weight-gradient sums in ``x``'s dtype; attention backward in float32."""
+    cd = ctx.mm_dtype
+    w_in_c, b_in_c, w_o_c, w_l_c = (t.to(cd) for t in (w_in, b_in, w_o, w_l))
+    gz = gy * mask
+    gb_l = gz.sum(0)
+    gz = gz.to(cd)
+    gw_l = gz.t().mm(h.to(cd))
+    gh = gz.mm(w_l_c).to(gy.dtype).add_(gy)  # dL/dh = gy + gz W_l; becomes dL/dx below
+    gb_o = gh.sum(0)
+    gh_c = gh.to(cd)
+    gw_o = gh_c.t().mm(out)
+    go = gh_c.mm(w_o_c)
+    del gh_c, gz
+    gw_in, gb_in = torch.zeros_like(w_in, dtype=gy.dtype), torch.zeros_like(b_in, dtype=gy.dtype)
+    i = 0
+    for g, (r0, r1, blocks) in enumerate(ctx.groups):
+        xg = x[r0:r1].to(cd)
+        qkv = grad = (kept[g] if kept else torch.addmm(b_in_c, xg, w_in_c.t())).float()
+        _flash_backward(go[r0:r1].float(), qkv, out[r0:r1].float(), lses[i:i + len(blocks)], blocks, ctx.heads,
+                        grad=grad)  # overwrites its own float32 copy of q|k|v
+        i += len(blocks)
+        gb_in += grad.sum(0)
+        grad = grad.to(cd)
+        gw_in += grad.t().mm(xg)
+        gh[r0:r1] += grad.mm(w_in_c)
+    p = w_in.dtype
+    return ((gh if ctx.needs_input_grad[0] else None), gw_in.to(p), gb_in.to(p), gw_o.to(p), gb_o.to(p),
+            gw_l.to(p), gb_l.to(p))
 
 
 class _BlockPool(torch.autograd.Function):
@@ -638,16 +697,18 @@ class MultiheadAttentionBlock(torch.nn.Module):
     def forward_packed(self, x: Tensor, layout: SetLayout, fused: bool = True, recompute: bool = True) -> Tensor:
         """SAB on size-sorted packed atoms ``[N, C]``: attention within each molecule.
 
-        On CPU without layer norms, dropout or autocast this runs as one
-        :class:`_FusedSelfAttentionBlock` (low-memory backward); otherwise, or with
+        On CPU without layer norms or dropout this runs as one :class:`_FusedSelfAttentionBlock`
+        (low-memory backward; under bf16/fp16 autocast with matmuls in that dtype); otherwise, or with
         ``fused=False``, as an autograd composition. ``recompute``: see :class:`_FusedSelfAttentionBlock`.
         """
-        if (fused and self.norm1 is None and not torch.is_autocast_enabled(x.device.type)
-                and _cpu_flash_available(x, self._dropout())
-                and all(t.dtype == x.dtype for t in (self.in_proj_weight, self.out_proj.weight, self.lin.weight))):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        mm_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
+        if (fused and self.norm1 is None and _cpu_flash_available(x, self._dropout())
+                and (mm_dtype in (torch.bfloat16, torch.float16) if autocast else
+                     all(t.dtype == x.dtype for t in (self.in_proj_weight, self.out_proj.weight, self.lin.weight)))):
             return _FusedSelfAttentionBlock.apply(x, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight,
                                                   self.out_proj.bias, self.lin.weight, self.lin.bias,
-                                                  layout.buckets, self.heads, recompute)
+                                                  layout.buckets, self.heads, recompute, mm_dtype)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         return self._feed_forward(x, packed_self_attention(qkv, layout, self.heads, self._dropout(),
                                                            force_generic=not fused))

@@ -374,3 +374,39 @@ def test_fast_backbone_trains_under_bf16_autocast(name, qm7b_molecules):
     got.float().pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters() if p.requires_grad)
     assert ((got.float() - want).norm() / want.norm()).item() < 5e-2
+
+
+def test_fused_block_under_bf16_autocast(monkeypatch):
+    """Under CPU bf16 autocast the SABs still run fused (bf16 matmuls, float32 attention and residual
+    stream), and their outputs and gradients are as close to float32 as the autograd composition's."""
+    calls = []
+    fused_apply = readouts._FusedSelfAttentionBlock.apply
+    monkeypatch.setattr(readouts._FusedSelfAttentionBlock, "apply",
+                        lambda *a: calls.append(a[-1]) or fused_apply(*a))
+    torch.manual_seed(0)
+    r = AttentionPooling(C, heads=HEADS, input_projection=False, output_projection=False)
+    x, batch = features([5, 12, 12, 30, 7, 1, 30], seed=3, dtype=torch.float32)
+
+    def run(bf16):
+        xr = x.clone().requires_grad_(True)
+        r.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = r(xr, batch)
+        out.float().pow(2).sum().backward()
+        return [out.float(), xr.grad] + [p.grad.clone() for p in r.parameters()]
+
+    ref = run(False)  # float32, fused exact path
+    calls.clear()
+    fused = run(True)
+    assert calls == [torch.bfloat16] * 2  # both encoder SABs took the fused bf16 path
+    assert all(g.dtype == torch.float32 for g in fused[1:])
+    monkeypatch.setattr(readouts, "_FLASH_CPU", None)  # the autograd composition under autocast
+    generic = run(True)
+    assert len(calls) == 2
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    names = ["output", "x"] + [n for n, _ in r.named_parameters()]
+    for name, f, g, want in zip(names, fused, generic, ref):
+        assert rel(f, want) <= 1.5 * rel(g, want) + 2e-3, name
