@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -20,12 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("ABP_DATA_DIR", "/work/shared/data")
-os.environ.setdefault("ABP_CACHE_DIR", str(ROOT / ".cache" / "processed"))
-torch.set_num_threads(2)
+from _setup import ROOT  # noqa: E402  (working directory, sys.path, data dirs, threads)
 
 from scipy.stats import wilcoxon  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 One command (from the repository root):
 
-    ABP_DATA_DIR=/work/shared/data ABP_CACHE_DIR=$PWD/.cache/processed .venv/bin/python experiments/evidence.py
+    .venv/bin/python experiments/evidence.py     # data from ../shared/data unless ABP_DATA_DIR is set
 
 Phases (each resumable: finished runs are skipped by the trainer; run dirs under runs/evidence/):
   train   -- GFN2-xTB HOMO labels for the QM9 subset, QM9 readout grid (seed 0), QM7b grid seed by seed,
@@ -19,17 +19,11 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see AdaptiveThreads: no spinning at barriers
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("ABP_DATA_DIR", "/work/shared/data")
-os.environ.setdefault("ABP_CACHE_DIR", str(ROOT / ".cache" / "processed"))
-torch.set_num_threads(2)
+from _setup import ROOT  # noqa: E402  (working directory, sys.path, data dirs, threads)
 # Subnormal floats: one QM7b ABP run stalled (one epoch > 100 s instead of 5 s) at full CPU; flushing
 # subnormals to zero (FTZ/DAZ) is set once here, before any thread pool starts.
 torch.set_flush_denormal(True)

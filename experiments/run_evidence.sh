@@ -5,7 +5,7 @@
 # budget of the original session; set e.g. ABP_DEADLINE=23:59 for the full grid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export ABP_DATA_DIR="${ABP_DATA_DIR:-/work/shared/data}"
+export ABP_DATA_DIR="${ABP_DATA_DIR:-$PWD/../shared/data}"
 export ABP_CACHE_DIR="${ABP_CACHE_DIR:-$PWD/.cache/processed}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 mkdir -p runs/evidence
