@@ -22,6 +22,7 @@ from torch.nn import LayerNorm, Linear, Parameter
 from torch_geometric.nn.aggr import Aggregation
 from torch_geometric.utils import softmax
 
+from . import kernels
 from .graph import check_batch_vector
 
 __all__ = [
@@ -381,19 +382,52 @@ def _flash_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lses, buckets, h
     return grad
 
 
+def _native(qkv: Tensor, heads: int) -> bool:
+    return kernels.supports(qkv.device, qkv.dtype, qkv.size(-1) // 3, heads)
+
+
+def _attention_forward(qkv: Tensor, blocks, heads: int, out: Optional[Tensor] = None,
+                       bias: Optional[Tensor] = None):
+    """Self-attention of packed ``qkv`` ``[N, 3C]`` per molecule -> ``(out [N, C], table, lses)``.
+
+    The native kernel (:mod:`abp_core.kernels`; one call for all blocks, ``table`` its molecule
+    table, ``lses`` one ``[N, heads]`` tensor) where it applies (CPU, float32, head dimension 16/32/64),
+    else per-block CPU flash attention (``table`` is ``None``, one log-sum-exp tensor per block).
+    ``bias`` ``[3C]`` (native kernel only) is added to ``qkv`` on the fly."""
+    if _native(qkv, heads):
+        table = kernels.molecule_table(blocks)
+        out, lse = kernels.attention_forward(qkv, table, heads, out, bias)
+        return out, table, [lse]
+    if bias is not None:
+        raise ValueError("a separate q|k|v bias needs the native attention kernel")
+    out, lses = _flash_forward(qkv, blocks, heads, out)
+    return out, None, lses
+
+
+def _attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, table, lses, blocks, heads: int,
+                        grad: Tensor, bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Backward of :func:`_attention_forward` (same ``table``, ``lses`` and ``bias``) into ``grad`` (may be
+    ``qkv``): ``(grad, column sums of grad or None)``; the native kernel computes the column sums
+    (the bias gradient) on the way."""
+    if table is not None:
+        return kernels.attention_backward(grad_out, qkv, out, lses[0], table, heads, grad, bias, column_sums=True)
+    return _flash_backward(grad_out, qkv, out, lses, blocks, heads, grad), None
+
+
 class _PackedSelfAttention(torch.autograd.Function):
     """Self-attention within each molecule of size-sorted packed ``qkv`` ``[N, 3C]`` -> ``[N, C]``.
 
-    One fused flash-attention call per block of equal-size molecules (CPU kernel, no
-    mask, no padding), outputs and gradients written straight into packed buffers:
-    no per-block autograd graph. Same numbers as
-    :func:`torch.nn.functional.scaled_dot_product_attention`.
+    The native kernel for all blocks at once, or one fused flash-attention call per block of
+    equal-size molecules (:func:`_attention_forward`; no mask, no padding), outputs and gradients
+    written straight into packed buffers: no per-block autograd graph. Same numbers as
+    :func:`torch.nn.functional.scaled_dot_product_attention` (up to fp32 rounding).
     """
 
     @staticmethod
     def forward(ctx, qkv: Tensor, buckets, heads: int):
-        out, lses = _flash_forward(qkv, buckets, heads)
-        ctx.buckets, ctx.heads = buckets, heads
+        qkv = qkv.contiguous()
+        out, table, lses = _attention_forward(qkv, buckets, heads)
+        ctx.buckets, ctx.heads, ctx.table = buckets, heads, table
         ctx.save_for_backward(qkv, out, *lses)
         return out
 
@@ -401,8 +435,8 @@ class _PackedSelfAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         qkv, out, *lses = ctx.saved_tensors
-        grad = _flash_backward(grad_out.contiguous(), qkv, out, lses, ctx.buckets, ctx.heads,
-                               qkv.new_empty(qkv.shape))
+        grad = _attention_backward(grad_out.contiguous(), qkv, out, ctx.table, lses, ctx.buckets, ctx.heads,
+                                   qkv.new_empty(qkv.shape))[0]
         return grad, None, None
 
 
@@ -454,16 +488,23 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
         groups = _row_groups(buckets)
         w_in_c, b_in_c, w_o_c, b_o_c, w_l_c, b_l_c = (t.to(cd) for t in (w_in, b_in, w_o, b_o, w_l, b_l))
         out = x.new_empty(x.size(0), w_o.size(1), dtype=cd)
-        lses, kept = [], []
+        lses, kept, tables = [], [], []
+        # the native kernel adds the q|k|v bias itself (no bias pass over [rows, 3C]) and returns its gradient
+        native = not lowp and x.is_contiguous() and kernels.supports(x.device, x.dtype, w_o.size(1), heads)
         with torch.autocast(x.device.type, enabled=False):
             for r0, r1, blocks in groups:
-                qkv = torch.addmm(b_in_c, x[r0:r1].to(cd), w_in_c.t())
-                if lowp:  # attention in float32, its output stored in the matmul dtype
-                    o32, blses = _flash_forward(qkv.float(), blocks, heads)
-                    out[r0:r1].copy_(o32)
+                if native:
+                    qkv = torch.mm(x[r0:r1], w_in_c.t())
+                    _, table, blses = _attention_forward(qkv, blocks, heads, out=out[r0:r1], bias=b_in_c)
                 else:
-                    blses = _flash_forward(qkv, blocks, heads, out=out[r0:r1])[1]
+                    qkv = torch.addmm(b_in_c, x[r0:r1].to(cd), w_in_c.t())
+                if lowp:  # attention in float32, its output stored in the matmul dtype
+                    o32, table, blses = _attention_forward(qkv.float(), blocks, heads)
+                    out[r0:r1].copy_(o32)
+                elif not native:
+                    _, table, blses = _attention_forward(qkv, blocks, heads, out=out[r0:r1])
                 lses.extend(blses)
+                tables.append((table, len(blses)))
                 if not recompute:
                     kept.append(qkv)
             if lowp:
@@ -471,12 +512,17 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
                 z = torch.addmm(b_l_c, h.to(cd), w_l_c.t())
                 mask = z > 0
                 y = torch.add(h, z.relu_())
+            elif native:  # fused element-wise passes: h = x + out W_o^T + b_o, y = h + relu(h W_l^T + b_l)
+                h = kernels.add_residual(torch.mm(out, w_o.t()), x, b_o)
+                y = torch.mm(h, w_l.t())
+                mask = kernels.relu_residual(y, b_l, h)
             else:
                 h = torch.addmm(b_o_c, out, w_o_c.t()).add_(x)
                 z = torch.addmm(b_l_c, h, w_l_c.t())
                 mask = z > 0
                 y = z.relu_().add_(h)
-        ctx.groups, ctx.heads, ctx.num_lses, ctx.mm_dtype = groups, heads, len(lses), mm_dtype
+        ctx.groups, ctx.tables, ctx.heads, ctx.num_lses, ctx.mm_dtype = groups, tables, heads, len(lses), mm_dtype
+        ctx.native = native
         ctx.save_for_backward(x, w_in, b_in, w_o, w_l, out, h, mask, *lses, *kept)
         return y
 
@@ -491,24 +537,34 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
                                                           w_l, out, h, mask, lses, kept)
             return grads + (None, None, None, None)
         gy = gy.contiguous()
-        gz = gy * mask  # ReLU backward; 3x faster than torch.where(mask, gy, 0) on CPU (measured)
-        gw_l, gb_l = gz.t().mm(h), gz.sum(0)
+        if ctx.native:  # one pass: ReLU backward and the column sums of gz and gy
+            gz, gb_l, sum_gy = kernels.relu_backward(gy, mask)
+            gb_o = torch.addmv(sum_gy, w_l.t(), gb_l)  # column sums of gh = gy + gz W_l
+        else:
+            gz = gy * mask  # ReLU backward; 3x faster than torch.where(mask, gy, 0) on CPU (measured)
+            gb_l = gz.sum(0)
+        gw_l = gz.t().mm(h)
         gh = torch.addmm(gy, gz, w_l)  # dL/dh = gy + gz W_l; becomes dL/dx below
-        gw_o, gb_o = gh.t().mm(out), gh.sum(0)
+        gw_o = gh.t().mm(out)
+        if not ctx.native:
+            gb_o = gh.sum(0)
         go = torch.mm(gh, w_o, out=gz)
         gw_in, gb_in = torch.zeros_like(w_in), torch.zeros_like(b_in)
         i = 0
-        for g, (r0, r1, blocks) in enumerate(ctx.groups):
+        for g, ((r0, r1, blocks), (table, count)) in enumerate(zip(ctx.groups, ctx.tables)):
             xg = x[r0:r1]
             if kept:
                 qkv = kept[g]
                 grad = torch.empty_like(qkv)
-            else:  # recomputed, then overwritten by its own gradient
+            elif ctx.native:  # recomputed (bias-free, as in the forward), then overwritten by its own gradient
+                qkv = grad = torch.mm(xg, w_in.t())
+            else:
                 qkv = grad = torch.addmm(b_in, xg, w_in.t())
-            _flash_backward(go[r0:r1], qkv, out[r0:r1], lses[i:i + len(blocks)], blocks, ctx.heads, grad=grad)
-            i += len(blocks)
+            _, sums = _attention_backward(go[r0:r1], qkv, out[r0:r1], table, lses[i:i + count], blocks, ctx.heads,
+                                          grad, bias=b_in if ctx.native else None)
+            i += count
             gw_in.addmm_(grad.t(), xg)
-            gb_in += grad.sum(0)
+            gb_in += grad.sum(0) if sums is None else sums
             gh[r0:r1].addmm_(grad, w_in)
         return (gh if ctx.needs_input_grad[0] else None), gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, None, None, None, None
 
@@ -530,12 +586,12 @@ def _fused_sab_backward_low_precision(ctx, gy, x, w_in, b_in, w_o, w_l, out, h, 
     del gh_c, gz
     gw_in, gb_in = torch.zeros_like(w_in, dtype=gy.dtype), torch.zeros_like(b_in, dtype=gy.dtype)
     i = 0
-    for g, (r0, r1, blocks) in enumerate(ctx.groups):
+    for g, ((r0, r1, blocks), (table, count)) in enumerate(zip(ctx.groups, ctx.tables)):
         xg = x[r0:r1].to(cd)
         qkv = grad = (kept[g] if kept else torch.addmm(b_in_c, xg, w_in_c.t())).float()
-        _flash_backward(go[r0:r1].float(), qkv, out[r0:r1].float(), lses[i:i + len(blocks)], blocks, ctx.heads,
-                        grad=grad)  # overwrites its own float32 copy of q|k|v
-        i += len(blocks)
+        _attention_backward(go[r0:r1].float(), qkv, out[r0:r1].float(), table, lses[i:i + count], blocks, ctx.heads,
+                            grad)  # overwrites its own float32 copy of q|k|v
+        i += count
         gb_in += grad.sum(0)
         grad = grad.to(cd)
         gw_in += grad.t().mm(xg)

@@ -1,0 +1,532 @@
+// Exact fp32 multi-head self-attention within each molecule of size-sorted packed atoms,
+// forward and backward, for head dimensions D = 16, 32, 64 (ABP's default width 256 with
+// 16 heads gives D = 16).
+//
+// Why: PyTorch's CPU flash-attention kernel tiles queries in 32-64 rows and calls a BLAS gemm per
+// tile; with D = 16 those gemms are tiny and the kernel runs at 20-30 % of the machine's matmul
+// peak. Here one task is one (molecule, head) pair: its keys and values (at most a few hundred
+// atoms) are copied once into L1/L2-resident scratch, and every query row streams over them with
+// 16-wide vector FMAs. No n x n matrix is stored; the backward recomputes the probabilities from
+// the saved log-sum-exps, as flash attention does.
+//
+// Layout (the caller's, see abp_core/kernels.py): qkv [N, 3C] row-major, q | k | v side by side,
+// head h in columns h*D .. h*D+D-1 of each; out [N, C]; lse [N, H]; grad [N, 3C] like qkv (may be
+// qkv itself: a task copies its q/k/v columns before writing their gradients).
+// Plain C ABI (loaded with ctypes, which releases the GIL); threads are std::threads.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned access
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store16(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // one vbroadcastss
+
+// exp(x) for x <= 0 (softmax arguments after subtracting the row maximum), Cephes' expf
+// polynomial: relative error ~1e-7, i.e. within a few ulp of libm's expf.
+inline v16 exp16(v16 x) {
+    x = x < splat(-87.0f) ? splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38 stays a normal float
+    const v16 magic = splat(12582912.0f);       // 1.5 * 2^23: adding it rounds to an integer
+    v16 kf = (x * splat(1.44269504088896341f) + magic) - magic;
+    v16 r = x - kf * splat(0.693359375f) - kf * splat(-2.12194440e-4f);
+    v16 p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    v16i k = __builtin_convertvector(kf, v16i);
+    v16i bits = (k + 127) << 23;
+    v16 scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+// The D/16 bias vectors of one head (zeros without a bias).
+template <int D>
+struct HeadBias {
+    v16 v[D / 16];
+    HeadBias(const float* b) {
+        for (int c = 0; c < D; c += 16) v[c / 16] = b ? load16(b + c) : v16{};
+    }
+};
+
+inline float hsum(v16 v) {
+    float s = 0.0f;
+    for (int i = 0; i < 16; ++i) s += v[i];
+    return s;
+}
+
+struct Problem {
+    const float* qkv; const float* bias; float* out; float* lse; const float* dout; float* grad; float* colsum;
+    const int64_t* starts; const int64_t* sizes; int64_t num_molecules;
+    int64_t channels; int64_t heads; float scale;
+};
+
+constexpr int R = 4;  // query rows per block: each key/value tile is read from cache once per R rows
+
+struct Scratch {
+    std::vector<float> k, v, kt, vt, dq, dk, dv, s, dp, lse, delta, colsum;
+    void reserve(int64_t n, int64_t c) {  // c = all heads' channels
+        int64_t np = (n + 15) / 16 * 16;
+        for (auto* b : {&k, &v, &dq, &dk, &dv}) if ((int64_t)b->size() < n * c) b->resize(n * c);
+        for (auto* b : {&lse, &delta}) if ((int64_t)b->size() < n * c) b->resize(n * c);  // >= n * heads
+        for (auto* b : {&kt, &vt}) if ((int64_t)b->size() < np * c) b->resize(np * c);
+        for (auto* b : {&s, &dp}) if ((int64_t)b->size() < R * np) b->resize(R * np);
+    }
+};
+
+// s_u[j] = mul * sum_t a_u[t] * b[j, t] for R rows u (a_u = rows[u] + bias) and j < np (rows of s at stride np), with b stored as
+// tiles: tile c (keys 16c .. 16c+15) is the D x 16 block at bt + 16 c D (transposed, zero-padded
+// past n). With Max, entries n .. np-1 become -inf and mx[u] = max_j s_u[j].
+template <int D, bool Max>
+inline void scores(const float* const* rows, const HeadBias<D>& bias, float mul, const float* __restrict bt, int64_t n,
+                   int64_t np, float* __restrict s, float* mx) {
+    float a[R * D];  // the R rows (plus bias, times mul) side by side: one base pointer, constant offsets
+    for (int u = 0; u < R; ++u)
+        for (int c = 0; c < D; c += 16) store16(a + u * D + c, (load16(rows[u] + c) + bias.v[c / 16]) * splat(mul));
+    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    v16 m[R];
+    for (int u = 0; u < R; ++u) m[u] = splat(-INFINITY);
+    auto finish = [&](int64_t j, v16* acc) {
+        for (int u = 0; u < R; ++u) {
+            if (Max) {
+                if (j + 16 > n) acc[u] = lane < (int32_t)(n - j) ? acc[u] : splat(-INFINITY);
+                m[u] = acc[u] > m[u] ? acc[u] : m[u];
+            }
+            store16(s + u * np + j, acc[u]);
+        }
+    };
+    int64_t j = 0;
+    for (; j + 32 <= np; j += 32) {  // two tiles at a time: 6 loads per 8 FMAs
+        const float* tile = bt + j * D;
+        v16 acc0[R] = {}, acc1[R] = {};
+        for (int t = 0; t < D; ++t) {
+            const v16 b0 = load16(tile + t * 16), b1 = load16(tile + 16 * D + t * 16);
+            for (int u = 0; u < R; ++u) {
+                const v16 x = splat(a[u * D + t]);
+                acc0[u] += x * b0;
+                acc1[u] += x * b1;
+            }
+        }
+        finish(j, acc0);
+        finish(j + 16, acc1);
+    }
+    if (j < np) {
+        const float* tile = bt + j * D;
+        v16 acc[R] = {};
+        for (int t = 0; t < D; ++t) {
+            const v16 b = load16(tile + t * 16);
+            for (int u = 0; u < R; ++u) acc[u] += splat(a[u * D + t]) * b;
+        }
+        finish(j, acc);
+    }
+    if (Max)
+        for (int u = 0; u < R; ++u) {
+            float x = m[u][0];
+            for (int i = 1; i < 16; ++i) x = std::max(x, m[u][i]);
+            mx[u] = x;
+        }
+}
+
+// o_u[0:D] = sum_j w_u[j] rows[j, 0:D] for R rows u (w at stride np; rows is n x D).
+template <int D>
+inline void weighted_rows(const float* __restrict w, int64_t np, const float* __restrict rows, int64_t n,
+                          float* __restrict o) {
+    for (int c = 0; c < D; c += 16) {
+        v16 a0[R] = {}, a1[R] = {};  // even and odd j: two chains per row
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const v16 r0 = load16(rows + j * D + c), r1 = load16(rows + (j + 1) * D + c);
+            for (int u = 0; u < R; ++u) {
+                a0[u] += splat(w[u * np + j]) * r0;
+                a1[u] += splat(w[u * np + j + 1]) * r1;
+            }
+        }
+        if (j < n) {
+            const v16 r0 = load16(rows + j * D + c);
+            for (int u = 0; u < R; ++u) a0[u] += splat(w[u * np + j]) * r0;
+        }
+        for (int u = 0; u < R; ++u) store16(o + u * D + c, a0[u] + a1[u]);
+    }
+}
+
+// Copy a molecule's n packed rows of one of q, k, v (columns src .. src + C - 1 of each row, row
+// stride ld) into per-head dense n x D blocks (times mul), and optionally into per-head tiled
+// transposed blocks (np / 16 tiles of D x 16 each, zero-padded). Rows are read once, contiguously,
+// for all heads: one pass over the molecule's rows instead of one per head.
+// In-register 16 x 16 transpose: four rounds, each swapping one bit of the row index with the same
+// bit of the lane index (two-source shuffles).
+inline void transpose16(v16* r) {
+    for (int i = 0; i < 16; ++i) {  // swap row bit and lane bit 1
+        if (i & 1) continue;
+        const v16 a = r[i], c = r[i + 1];
+        r[i] = __builtin_shufflevector(a, c, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+        r[i + 1] = __builtin_shufflevector(a, c, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    }
+    for (int i = 0; i < 16; ++i) {  // swap row bit and lane bit 2
+        if (i & 2) continue;
+        const v16 a = r[i], c = r[i + 2];
+        r[i] = __builtin_shufflevector(a, c, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+        r[i + 2] = __builtin_shufflevector(a, c, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    }
+    for (int i = 0; i < 16; ++i) {  // swap row bit and lane bit 4
+        if (i & 4) continue;
+        const v16 a = r[i], c = r[i + 4];
+        r[i] = __builtin_shufflevector(a, c, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+        r[i + 4] = __builtin_shufflevector(a, c, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    }
+    for (int i = 0; i < 16; ++i) {  // swap row bit and lane bit 8
+        if (i & 8) continue;
+        const v16 a = r[i], c = r[i + 8];
+        r[i] = __builtin_shufflevector(a, c, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+        r[i + 8] = __builtin_shufflevector(a, c, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
+}
+
+// Copy one of q, k, v of a molecule's n packed rows (row stride ld, head h in columns h*D .. h*D+D-1)
+// plus its bias (C values, or nullptr) into per-head dense n x D blocks, rows read in order.
+template <int D>
+inline void gather_rows(const float* src, const float* bias, int64_t ld, int64_t n, int64_t heads, float* dense) {
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t h = 0; h < heads; ++h)
+            for (int c = 0; c < D; c += 16)
+                store16(dense + (h * n + j) * D + c,
+                        load16(src + j * ld + h * D + c) + (bias ? load16(bias + h * D + c) : v16{}));
+}
+
+// The same into per-head tiled transposed blocks for scores(): np / 16 tiles of D x 16 per head,
+// zero-padded past n.
+template <int D>
+inline void gather_tiles(const float* src, const float* bias, int64_t ld, int64_t n, int64_t heads, int64_t np,
+                         float* t) {
+    for (int64_t j0 = 0; j0 < np; j0 += 16)
+        for (int64_t h = 0; h < heads; ++h)
+            for (int c = 0; c < D; c += 16) {
+                const v16 b = bias ? load16(bias + h * D + c) : v16{};
+                v16 r[16];
+                for (int jj = 0; jj < 16; ++jj) r[jj] = j0 + jj < n ? load16(src + (j0 + jj) * ld + h * D + c) + b : v16{};
+                transpose16(r);  // r[cc] = column c + cc of the 16 rows
+                for (int cc = 0; cc < 16; ++cc) store16(t + h * np * D + j0 * D + (c + cc) * 16, r[cc]);
+            }
+}
+
+// dv[j] += sum_u p_u[j] go_u and dk[j] += sum_u ds_u[j] (q_u + bq) qscale over the first `rows` of R query rows
+// (p, ds at stride np): one load and store of dv[j], dk[j] per block of rows.
+template <int D, int Rows>
+inline void accumulate_kv(const float* __restrict p, const float* __restrict ds, int64_t np, const float* const* go,
+                          const float* const* q, const HeadBias<D>& bq, float qscale, int64_t n, float* __restrict dv,
+                          float* __restrict dk) {
+    for (int c = 0; c < D; c += 16) {
+        v16 goc[Rows], qc[Rows];
+        for (int u = 0; u < Rows; ++u) {
+            goc[u] = load16(go[u] + c);
+            qc[u] = (load16(q[u] + c) + bq.v[c / 16]) * splat(qscale);
+        }
+        for (int64_t j = 0; j < n; ++j) {
+            v16 a = load16(dv + j * D + c), b = load16(dk + j * D + c);
+            for (int u = 0; u < Rows; ++u) {
+                a += splat(p[u * np + j]) * goc[u];
+                b += splat(ds[u * np + j]) * qc[u];
+            }
+            store16(dv + j * D + c, a);
+            store16(dk + j * D + c, b);
+        }
+    }
+}
+
+// Per-head forward: o (n x D) and lse (n) of head h from its q rows (stride ldq, unscaled, bias bq or
+// nullptr) and the staged key tiles and values.
+template <int D>
+void forward_head(int64_t n, int64_t np, const float* qh, int64_t ldq, const float* bq, float scale, const float* kth,
+                  const float* vh, float* oh, float* lseh, float* s) {
+    const HeadBias<D> bias(bq);
+    for (int64_t i0 = 0; i0 < n; i0 += R) {
+        const float* a[R];  // rows past n repeat the last one; their results are dropped
+        for (int u = 0; u < R; ++u) a[u] = qh + std::min(i0 + u, n - 1) * ldq;
+        float mx[R], l[R], o[R * D];
+        scores<D, true>(a, bias, scale, kth, n, np, s, mx);
+        for (int u = 0; u < R; ++u) {
+            float* su = s + u * np;
+            v16 sum{};
+            for (int64_t j = 0; j < np; j += 16) {
+                v16 x = load16(su + j);
+                v16 e = exp16(x - splat(mx[u]));
+                e = x == splat(-INFINITY) ? splat(0.0f) : e;  // padded keys
+                store16(su + j, e);
+                sum += e;
+            }
+            l[u] = hsum(sum);
+        }
+        weighted_rows<D>(s, np, vh, n, o);
+        for (int u = 0; u < R && i0 + u < n; ++u) {
+            const float inv = 1.0f / l[u];
+            for (int c = 0; c < D; ++c) oh[(i0 + u) * D + c] = o[u * D + c] * inv;
+            lseh[i0 + u] = mx[u] + std::log(l[u]);
+        }
+    }
+}
+
+// Per-head backward: dq (n x D, times scale), dk, dv (n x D) of head h from its q and dO rows (strides
+// ldq, ldo), the staged keys and key/value tiles, and delta_i = dO_i . O_i.
+template <int D>
+void backward_head(int64_t n, int64_t np, float scale, const float* qh, int64_t ldq, const float* bq, const float* kh,
+                   const float* kth, const float* vth, const float* goh, int64_t ldo, const float* lseh,
+                   const float* deltah, float* dqh, float* dkh, float* dvh, float* p, float* ds) {
+    const HeadBias<D> bias(bq), none(nullptr);
+    std::fill(dkh, dkh + n * D, 0.0f);
+    std::fill(dvh, dvh + n * D, 0.0f);
+    for (int64_t i0 = 0; i0 < n; i0 += R) {
+        const int rows = (int)std::min<int64_t>(R, n - i0);
+        const float *q[R], *go[R];  // rows past n repeat the last one; their results are dropped
+        for (int u = 0; u < R; ++u) {
+            const int64_t i = std::min(i0 + u, n - 1);
+            q[u] = qh + i * ldq;
+            go[u] = goh + i * ldo;
+        }
+        scores<D, false>(q, bias, scale, kth, n, np, p, nullptr);  // scaled scores
+        scores<D, false>(go, none, 1.0f, vth, n, np, ds, nullptr);  // dP = dO V^T
+        for (int u = 0; u < R; ++u) {
+            const int64_t i = std::min(i0 + u, n - 1);
+            const v16 lse = splat(lseh[i]), delta = splat(deltah[i]);
+            float *pu = p + u * np, *du = ds + u * np;
+            for (int64_t j = 0; j < np; j += 16) {
+                v16 pj = exp16(load16(pu + j) - lse);
+                store16(pu + j, pj);
+                store16(du + j, pj * (load16(du + j) - delta));  // dS = P (dP - delta)
+            }
+        }
+        float dq[R * D];  // dQ = dS K * scale
+        weighted_rows<D>(ds, np, kh, n, dq);
+        for (int u = 0; u < rows; ++u)
+            for (int c = 0; c < D; ++c) dqh[(i0 + u) * D + c] = dq[u * D + c] * scale;
+        // dV += P^T dO, dK += dS^T (scaled q), over the real rows only
+        switch (rows) {
+            case 4: accumulate_kv<D, 4>(p, ds, np, go, q, bias, scale, n, dvh, dkh); break;
+            case 3: accumulate_kv<D, 3>(p, ds, np, go, q, bias, scale, n, dvh, dkh); break;
+            case 2: accumulate_kv<D, 2>(p, ds, np, go, q, bias, scale, n, dvh, dkh); break;
+            default: accumulate_kv<D, 1>(p, ds, np, go, q, bias, scale, n, dvh, dkh); break;
+        }
+    }
+}
+
+// Write per-head n x D blocks back into C columns of n packed rows (row stride ld); with colsum, also
+// add their column sums to colsum (C values).
+template <int D>
+inline void scatter(const float* dense, int64_t n, int64_t heads, float* dst, int64_t ld, float* colsum) {
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t h = 0; h < heads; ++h)
+            for (int c = 0; c < D; c += 16) store16(dst + j * ld + h * D + c, load16(dense + (h * n + j) * D + c));
+    if (colsum)  // column sums (the bias gradient), accumulated per head block
+        for (int64_t h = 0; h < heads; ++h)
+            for (int c = 0; c < D; c += 16) {
+                v16 acc = load16(colsum + h * D + c);
+                for (int64_t j = 0; j < n; ++j) acc += load16(dense + (h * n + j) * D + c);
+                store16(colsum + h * D + c, acc);
+            }
+}
+
+// A task is one molecule, all heads: every strided row of qkv, out, dO and grad is read or written
+// once, in a row-order pass (a per-head pass would touch one cache line per row per head).
+template <int D>
+void forward_task(const Problem& P, int64_t m, Scratch& S) {
+    const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels, H = P.heads, ld = 3 * C, np = (n + 15) / 16 * 16;
+    S.reserve(n, C);
+    const float* base = P.qkv + r0 * ld;
+    const float* b = P.bias;
+    gather_tiles<D>(base + C, b ? b + C : nullptr, ld, n, H, np, S.kt.data());
+    gather_rows<D>(base + 2 * C, b ? b + 2 * C : nullptr, ld, n, H, S.v.data());
+    float* lse = S.delta.data();
+    for (int64_t h = 0; h < H; ++h)
+        forward_head<D>(n, np, base + h * D, ld, b ? b + h * D : nullptr, P.scale, S.kt.data() + h * np * D,
+                        S.v.data() + h * n * D,
+                        S.dq.data() + h * n * D, lse + h * n, S.s.data());
+    scatter<D>(S.dq.data(), n, H, P.out + r0 * C, C, nullptr);
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t h = 0; h < H; ++h) P.lse[(r0 + j) * H + h] = lse[h * n + j];
+}
+
+template <int D>
+void backward_task(const Problem& P, int64_t m, Scratch& S) {
+    const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels, H = P.heads, ld = 3 * C, np = (n + 15) / 16 * 16;
+    S.reserve(n, C);
+    const float* base = P.qkv + r0 * ld;
+    const float* b = P.bias;
+    gather_rows<D>(base + C, b ? b + C : nullptr, ld, n, H, S.k.data());
+    gather_tiles<D>(base + C, b ? b + C : nullptr, ld, n, H, np, S.kt.data());
+    gather_tiles<D>(base + 2 * C, b ? b + 2 * C : nullptr, ld, n, H, np, S.vt.data());
+    float *delta = S.delta.data(), *lse = S.lse.data();
+    for (int64_t j = 0; j < n; ++j) {  // delta = rowsum(dO * O) per head, and lse, in one row pass
+        const float *go = P.dout + (r0 + j) * C, *o = P.out + (r0 + j) * C;
+        for (int64_t h = 0; h < H; ++h) {
+            v16 dot{};
+            for (int c = 0; c < D; c += 16) dot += load16(go + h * D + c) * load16(o + h * D + c);
+            delta[h * n + j] = hsum(dot);
+            lse[h * n + j] = P.lse[(r0 + j) * H + h];
+        }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+        const int64_t a = h * n * D;
+        backward_head<D>(n, np, P.scale, base + h * D, ld, b ? b + h * D : nullptr, S.k.data() + a, S.kt.data() + h * np * D,
+                         S.vt.data() + h * np * D, P.dout + r0 * C + h * D, C, lse + h * n, delta + h * n, S.dq.data() + a,
+                         S.dk.data() + a, S.dv.data() + a, S.s.data(), S.dp.data());
+    }
+    // nothing was written to grad before this point, so grad may be qkv itself
+    float* g = P.grad + r0 * ld;
+    float* cs = P.colsum ? S.colsum.data() : nullptr;
+    scatter<D>(S.dq.data(), n, H, g, ld, cs);
+    scatter<D>(S.dk.data(), n, H, g + C, ld, cs ? cs + C : nullptr);
+    scatter<D>(S.dv.data(), n, H, g + 2 * C, ld, cs ? cs + 2 * C : nullptr);
+}
+
+template <void (*Task)(const Problem&, int64_t, Scratch&)>
+void run(const Problem& P, int threads) {
+    // One task per molecule (all heads: its rows are read from memory once), largest first
+    // (cost ~ n^2), handed out dynamically.
+    const int64_t total = P.num_molecules;
+    std::vector<int64_t> order(total);
+    for (int64_t m = 0; m < total; ++m) order[m] = m;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return P.sizes[a] > P.sizes[b]; });
+    std::atomic<int64_t> next{0};
+    std::mutex reduce;
+    const int64_t cols = 3 * P.channels;
+    if (P.colsum) std::fill(P.colsum, P.colsum + cols, 0.0f);
+    auto work = [&]() {
+        Scratch S;
+        if (P.colsum) S.colsum.assign(cols, 0.0f);
+        for (int64_t t; (t = next.fetch_add(1)) < total;) Task(P, order[t], S);
+        if (P.colsum) {
+            std::lock_guard<std::mutex> lock(reduce);
+            for (int64_t c = 0; c < cols; ++c) P.colsum[c] += S.colsum[c];
+        }
+    };
+    threads = std::max(1, std::min<int>(threads, (int)std::min<int64_t>(total, 64)));
+    std::vector<std::thread> pool;
+    for (int i = 1; i < threads; ++i) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+}
+
+template <int D>
+int dispatch(const Problem& P, int threads, bool backward) {
+    if (backward) run<backward_task<D>>(P, threads);
+    else run<forward_task<D>>(P, threads);
+    return 0;
+}
+
+int launch(const Problem& P, int threads, bool backward) {
+    if (P.heads <= 0 || P.channels % P.heads != 0) return 1;
+    switch (P.channels / P.heads) {
+        case 16: return dispatch<16>(P, threads, backward);
+        case 32: return dispatch<32>(P, threads, backward);
+        case 64: return dispatch<64>(P, threads, backward);
+        default: return 2;
+    }
+}
+
+// Rows [0, rows) split into `threads` contiguous ranges, run(first, last, thread) on each.
+template <typename F>
+void parallel_rows(int64_t rows, int threads, F run) {
+    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
+    std::vector<std::thread> pool;
+    const int64_t per = (rows + threads - 1) / threads;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(run, std::min(rows, t * per), std::min(rows, (t + 1) * per), t);
+    run(0, std::min(rows, per), 0);
+    for (auto& t : pool) t.join();
+}
+
+// Column sums of per-thread partial sums into out (cols values).
+inline void reduce_columns(const std::vector<std::vector<float>>& parts, float* out, int64_t cols) {
+    for (int64_t c = 0; c < cols; ++c) {
+        float acc = 0.0f;
+        for (const auto& p : parts) acc += p[c];
+        out[c] = acc;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// bias: the 3C q|k|v bias added to qkv on the fly (or null: qkv already includes it).
+int abp_set_attention_forward(const float* qkv, const float* bias, float* out, float* lse, const int64_t* starts,
+                              const int64_t* sizes, int64_t num_molecules, int64_t channels, int64_t heads,
+                              int threads) {
+    Problem P{qkv, bias, out, lse, nullptr, nullptr, nullptr, starts, sizes, num_molecules, channels, heads,
+              1.0f / std::sqrt((float)(channels / heads))};
+    return launch(P, threads, false);
+}
+
+// colsum: if not null, receives the column sums of grad (3C values: the q|k|v bias gradient).
+int abp_set_attention_backward(const float* qkv, const float* bias, const float* out, const float* lse,
+                               const float* dout, float* grad, float* colsum, const int64_t* starts,
+                               const int64_t* sizes, int64_t num_molecules, int64_t channels, int64_t heads,
+                               int threads) {
+    Problem P{qkv, bias, const_cast<float*>(out), const_cast<float*>(lse), dout, grad, colsum, starts, sizes,
+              num_molecules, channels, heads, 1.0f / std::sqrt((float)(channels / heads))};
+    return launch(P, threads, true);
+}
+
+int abp_set_attention_abi_version() { return 2; }
+
+
+// SAB feed-forward epilogue, in place: z <- h + relu(z + b), mask <- (z + b > 0), for [rows, C] z and h
+// (b: C values). One pass instead of a bias copy, a comparison, a ReLU and an addition.
+int abp_relu_residual(float* z, const float* b, const float* h, uint8_t* mask, int64_t rows, int64_t cols,
+                      int threads) {
+    parallel_rows(rows, threads, [&](int64_t first, int64_t last, int) {
+        for (int64_t r = first; r < last; ++r)
+            for (int64_t c = 0; c < cols; ++c) {
+                const float a = z[r * cols + c] + b[c];
+                const bool on = a > 0.0f;
+                mask[r * cols + c] = on;
+                z[r * cols + c] = h[r * cols + c] + (on ? a : 0.0f);
+            }
+    });
+    return 0;
+}
+
+// In place: h <- h + x + b for [rows, C] h and x (b: C values).
+int abp_add_residual(float* h, const float* x, const float* b, int64_t rows, int64_t cols, int threads) {
+    parallel_rows(rows, threads, [&](int64_t first, int64_t last, int) {
+        for (int64_t r = first; r < last; ++r)
+            for (int64_t c = 0; c < cols; ++c) h[r * cols + c] += x[r * cols + c] + b[c];
+    });
+    return 0;
+}
+
+// ReLU backward with column sums: gz = gy * mask, sum_gz = colsum(gz), sum_gy = colsum(gy).
+int abp_relu_backward(const float* gy, const uint8_t* mask, float* gz, float* sum_gz, float* sum_gy, int64_t rows,
+                      int64_t cols, int threads) {
+    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
+    std::vector<std::vector<float>> pz(nt, std::vector<float>(cols, 0.0f)), py(nt, std::vector<float>(cols, 0.0f));
+    parallel_rows(rows, nt, [&](int64_t first, int64_t last, int t) {
+        float *az = pz[t].data(), *ay = py[t].data();
+        for (int64_t r = first; r < last; ++r)
+            for (int64_t c = 0; c < cols; ++c) {
+                const float g = gy[r * cols + c];
+                const float v = mask[r * cols + c] ? g : 0.0f;
+                gz[r * cols + c] = v;
+                az[c] += v;
+                ay[c] += g;
+            }
+    });
+    reduce_columns(pz, sum_gz, cols);
+    reduce_columns(py, sum_gy, cols);
+    return 0;
+}
+
+}

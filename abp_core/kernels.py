@@ -1,0 +1,261 @@
+"""Native CPU attention kernel for ABP's self-attention blocks (``csrc/set_attention.cpp``).
+
+Exact fp32 multi-head self-attention within each molecule of size-sorted packed atoms, forward
+and backward, for head dimensions 16, 32 and 64, and the element-wise passes around it fused
+(bias + ReLU + residual in one pass; ReLU backward with the bias gradients' column sums). It replaces one call of PyTorch's CPU
+flash-attention kernel per block of equal-size molecules by one call per layer; a task is a
+whole molecule (all heads), so its rows are read once. ``benchmarks/readout.py`` measures it
+against PyG and against the flash path (``ABP_NATIVE_ATTENTION=0``).
+
+The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``;
+about 3 s) into a cache directory (``$ABP_KERNEL_CACHE``, else ``~/.cache/abp/kernels``), keyed
+by a hash of the source, the compiler, the flags and the CPU's feature flags, and written
+atomically (a temporary file, then a rename). A library that fails to load or reports the
+wrong ABI version is rebuilt once. Without a compiler, or with ``ABP_NATIVE_ATTENTION=0``,
+:func:`available` is ``False`` and callers use the flash-attention path (same numbers up to
+fp32 rounding); the reason is kept in :func:`unavailable_reason` and warned about once.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "unavailable_reason", "supports", "molecule_table", "attention_forward",
+           "attention_backward", "relu_residual", "add_residual", "relu_backward", "NativeKernelWarning"]
+
+SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
+ABI_VERSION = 2
+HEAD_DIMS = (16, 32, 64)
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-march=native", "-mprefer-vector-width=512"]
+
+
+class NativeKernelWarning(RuntimeWarning):
+    """The native attention kernel could not be built or loaded (the flash path is used instead)."""
+
+
+_lock = threading.Lock()
+_state = {"lib": None, "reason": None, "tried": False}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> Optional[str]:
+    cxx = os.environ.get("CXX") or "c++"
+    return shutil.which(cxx)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ABP_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "abp" / "kernels"
+
+
+def _library_path(cxx: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    return _cache_dir() / f"set_attention-{key.hexdigest()[:16]}.so"
+
+
+def _build(cxx: str, target: Path) -> None:
+    """Compile into a temporary file next to ``target``, then rename it into place (atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.abp_set_attention_abi_version() != ABI_VERSION:
+        raise OSError(f"{path} reports ABI version {lib.abp_set_attention_abi_version()}, expected {ABI_VERSION}")
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.abp_set_attention_forward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.abp_set_attention_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.abp_relu_residual.argtypes = [p, p, p, p, i64, i64, i32]
+    lib.abp_add_residual.argtypes = [p, p, p, i64, i64, i32]
+    lib.abp_relu_backward.argtypes = [p, p, p, p, p, i64, i64, i32]
+    for f in (lib.abp_set_attention_forward, lib.abp_set_attention_backward, lib.abp_relu_residual,
+              lib.abp_add_residual, lib.abp_relu_backward):
+        f.restype = i32
+    return lib
+
+
+def _init() -> None:
+    if os.environ.get("ABP_NATIVE_ATTENTION", "1").strip().lower() in ("0", "false", "no", "off"):
+        _state["reason"] = "disabled by ABP_NATIVE_ATTENTION=0"
+        return
+    cxx = _compiler()
+    if cxx is None:
+        _state["reason"] = "no C++ compiler found ($CXX or c++)"
+        return
+    try:
+        path = _library_path(cxx)
+        if not path.exists():
+            _build(cxx, path)
+        try:
+            _state["lib"] = _load(path)
+        except OSError:  # truncated, corrupt or stale file in the cache: rebuild once
+            path.unlink(missing_ok=True)
+            _build(cxx, path)
+            _state["lib"] = _load(path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _state["reason"] = f"native attention kernel unavailable: {err}"
+
+
+def available() -> bool:
+    """Is the native kernel built and loaded (building it on the first call)?"""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            _init()
+            reason = _state["reason"]
+            if _state["lib"] is None and reason and not reason.startswith("disabled"):
+                warnings.warn(reason + "; using PyTorch's flash-attention kernels", NativeKernelWarning, stacklevel=3)
+    return _state["lib"] is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`available` is ``False`` (``None`` when it is ``True`` or not yet tried)."""
+    return _state["reason"]
+
+
+def _reset() -> None:
+    """Forget the loaded library (tests: environment changes take effect on the next call)."""
+    with _lock:
+        _state.update(lib=None, reason=None, tried=False)
+
+
+def supports(device: torch.device, dtype: torch.dtype, channels: int, heads: int) -> bool:
+    """Can the native kernel run attention of this width (``C``, the q|k|v tensor being ``[N, 3C]``)?"""
+    return (device.type == "cpu" and dtype == torch.float32 and channels % heads == 0
+            and channels // heads in HEAD_DIMS and available())
+
+
+def molecule_table(blocks: Sequence[Tuple[int, int, int, int]]) -> Tuple[Tensor, Tensor]:
+    """First row and size of every molecule of ``(first_row, first_molecule, B, n)`` blocks (int64)."""
+    starts, sizes = [], []
+    for r0, _, b, n in blocks:
+        starts.extend(range(r0, r0 + b * n, n))
+        sizes.extend([n] * b)
+    return torch.tensor(starts, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64)
+
+
+def _check(table: Tuple[Tensor, Tensor], rows: int) -> Tuple[Tensor, Tensor]:
+    starts, sizes = table
+    if starts.numel() and int((starts + sizes).max()) > rows:
+        raise ValueError(f"molecule table reaches row {int((starts + sizes).max())} of a {rows}-row tensor")
+    return starts, sizes
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check_bias(bias: Optional[Tensor], c: int) -> None:
+    if bias is not None and (bias.shape != (3 * c,) or not bias.is_contiguous() or bias.dtype != torch.float32):
+        raise ValueError(f"bias must be a contiguous float32 [{3 * c}] tensor, got {list(bias.shape)}")
+
+
+def attention_forward(qkv: Tensor, table: Tuple[Tensor, Tensor], heads: int, out: Optional[Tensor] = None,
+                      bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Self-attention within each molecule: packed ``qkv`` ``[N, 3C]`` (plus ``bias`` ``[3C]``, added on
+    the fly, if given) -> ``out`` ``[N, C]`` and the log-sum-exps ``[N, heads]`` the backward needs.
+    ``table`` from :func:`molecule_table`."""
+    n_rows, c = qkv.size(0), qkv.size(1) // 3
+    if not qkv.is_contiguous() or qkv.dtype != torch.float32:
+        raise ValueError("qkv must be a contiguous float32 tensor")
+    _check_bias(bias, c)
+    starts, sizes = _check(table, n_rows)
+    if out is None:
+        out = qkv.new_empty(n_rows, c)
+    elif out.shape != (n_rows, c) or not out.is_contiguous() or out.dtype != qkv.dtype:
+        raise ValueError(f"out must be a contiguous float32 [{n_rows}, {c}] tensor")
+    lse = qkv.new_empty(n_rows, heads)
+    code = _state["lib"].abp_set_attention_forward(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(lse), _ptr(starts),
+                                                   _ptr(sizes), starts.numel(), c, heads, torch.get_num_threads())
+    if code != 0:
+        raise RuntimeError(f"native attention forward failed (code {code}; channels {c}, heads {heads})")
+    return out, lse
+
+
+def attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Tuple[Tensor, Tensor],
+                       heads: int, grad: Tensor, bias: Optional[Tensor] = None,
+                       column_sums: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradient ``d qkv`` ``[N, 3C]`` written into ``grad`` (which may be ``qkv`` itself: each molecule's
+    q|k|v are read before its gradients are written), and with ``column_sums`` its column sums
+    ``[3C]`` (the gradient of a bias added to ``qkv``), else ``None``. ``bias`` as in the forward."""
+    n_rows, c = qkv.size(0), qkv.size(1) // 3
+    _check_bias(bias, c)
+    for name, t, shape in (("grad_out", grad_out, (n_rows, c)), ("out", out, (n_rows, c)),
+                           ("lse", lse, (n_rows, heads)), ("grad", grad, (n_rows, 3 * c)), ("qkv", qkv, (n_rows, 3 * c))):
+        if t.shape != shape or not t.is_contiguous() or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a contiguous float32 {list(shape)} tensor, got {list(t.shape)}")
+    starts, sizes = _check(table, n_rows)
+    sums = qkv.new_empty(3 * c) if column_sums else None
+    code = _state["lib"].abp_set_attention_backward(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(lse), _ptr(grad_out),
+                                                    _ptr(grad), _ptr(sums), _ptr(starts), _ptr(sizes), starts.numel(),
+                                                    c, heads, torch.get_num_threads())
+    if code != 0:
+        raise RuntimeError(f"native attention backward failed (code {code}; channels {c}, heads {heads})")
+    return grad, sums
+
+
+def _rows(name: str, t: Tensor, shape, dtype=torch.float32) -> None:
+    if t.shape != shape or not t.is_contiguous() or t.dtype != dtype:
+        raise ValueError(f"{name} must be a contiguous {dtype} {list(shape)} tensor, got {list(t.shape)} {t.dtype}")
+
+
+def relu_residual(z: Tensor, bias: Tensor, h: Tensor) -> Tensor:
+    """In place ``z <- h + relu(z + bias)`` (``[N, C]``, ``bias`` ``[C]``); returns the ReLU mask (bool)."""
+    rows, cols = z.shape
+    for name, t, shape in (("z", z, (rows, cols)), ("h", h, (rows, cols)), ("bias", bias, (cols,))):
+        _rows(name, t, shape)
+    mask = torch.empty(rows, cols, dtype=torch.bool)
+    _state["lib"].abp_relu_residual(_ptr(z), _ptr(bias), _ptr(h), _ptr(mask), rows, cols, torch.get_num_threads())
+    return mask
+
+
+def add_residual(h: Tensor, x: Tensor, bias: Tensor) -> Tensor:
+    """In place ``h <- h + x + bias`` (``[N, C]``, ``bias`` ``[C]``); returns ``h``."""
+    rows, cols = h.shape
+    for name, t, shape in (("h", h, (rows, cols)), ("x", x, (rows, cols)), ("bias", bias, (cols,))):
+        _rows(name, t, shape)
+    _state["lib"].abp_add_residual(_ptr(h), _ptr(x), _ptr(bias), rows, cols, torch.get_num_threads())
+    return h
+
+
+def relu_backward(grad: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(grad * mask, column sums of that, column sums of grad)`` in one pass (``[N, C]``, bool mask)."""
+    rows, cols = grad.shape
+    _rows("grad", grad, (rows, cols))
+    _rows("mask", mask, (rows, cols), torch.bool)
+    out, sum_out, sum_grad = torch.empty_like(grad), grad.new_empty(cols), grad.new_empty(cols)
+    _state["lib"].abp_relu_backward(_ptr(grad), _ptr(mask), _ptr(out), _ptr(sum_out), _ptr(sum_grad), rows, cols,
+                                    torch.get_num_threads())
+    return out, sum_out, sum_grad
