@@ -17,6 +17,7 @@ fp32 rounding); the reason is kept in :func:`unavailable_reason` and warned abou
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -32,13 +33,13 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["available", "unavailable_reason", "supports", "molecule_table", "attention_forward",
+__all__ = ["available", "unavailable_reason", "supports", "disabled", "molecule_table", "attention_forward",
            "attention_backward", "relu_residual", "add_residual", "relu_backward", "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
 ABI_VERSION = 2
 HEAD_DIMS = (16, 32, 64)
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-march=native", "-mprefer-vector-width=512"]
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native", "-mprefer-vector-width=512"]
 
 
 class NativeKernelWarning(RuntimeWarning):
@@ -46,7 +47,7 @@ class NativeKernelWarning(RuntimeWarning):
 
 
 _lock = threading.Lock()
-_state = {"lib": None, "reason": None, "tried": False}
+_state = {"lib": None, "reason": None, "tried": False, "off": False}
 
 
 def _cpu_flags() -> str:
@@ -117,7 +118,12 @@ def _init() -> None:
     try:
         path = _library_path(cxx)
         if not path.exists():
-            _build(cxx, path)
+            try:
+                _build(cxx, path)
+            except PermissionError:  # read-only home: build in the temporary directory instead
+                path = Path(tempfile.gettempdir()) / f"abp-kernels-{os.getuid()}" / path.name
+                if not path.exists():
+                    _build(cxx, path)
         try:
             _state["lib"] = _load(path)
         except OSError:  # truncated, corrupt or stale file in the cache: rebuild once
@@ -148,13 +154,25 @@ def unavailable_reason() -> Optional[str]:
 def _reset() -> None:
     """Forget the loaded library (tests: environment changes take effect on the next call)."""
     with _lock:
-        _state.update(lib=None, reason=None, tried=False)
+        _state.update(lib=None, reason=None, tried=False, off=False)
 
 
 def supports(device: torch.device, dtype: torch.dtype, channels: int, heads: int) -> bool:
-    """Can the native kernel run attention of this width (``C``, the q|k|v tensor being ``[N, 3C]``)?"""
-    return (device.type == "cpu" and dtype == torch.float32 and channels % heads == 0
+    """Can the native kernel run attention of this width (``C``, the q|k|v tensor being ``[N, 3C]``)?
+    ``False`` inside :func:`disabled`."""
+    return (not _state["off"] and device.type == "cpu" and dtype == torch.float32 and channels % heads == 0
             and channels // heads in HEAD_DIMS and available())
+
+
+@contextlib.contextmanager
+def disabled():
+    """Forward passes inside this block use PyTorch's kernels instead of the native ones (to compare
+    them side by side; each backward follows its forward's choice)."""
+    previous, _state["off"] = _state["off"], True
+    try:
+        yield
+    finally:
+        _state["off"] = previous
 
 
 def molecule_table(blocks: Sequence[Tuple[int, int, int, int]]) -> Tuple[Tensor, Tensor]:

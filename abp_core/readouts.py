@@ -473,6 +473,12 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
     the groups' ``q|k|v`` are kept (6.25 activations, no extra matmul). Same numbers as the
     autograd composition (:meth:`MultiheadAttentionBlock.forward_packed` with ``fused=False``).
 
+    In float32 on CPU with head dimension 16, 32 or 64 the native kernels (:mod:`abp_core.kernels`)
+    run the attention of a whole group in one call, add the ``q|k|v`` bias on the fly (so ``q|k|v``
+    is a plain ``x W_in^T``, with no bias pass, and its bias gradient comes back from the attention
+    backward) and fuse the element-wise passes (residual + bias; bias + ReLU + residual + mask; ReLU
+    backward + bias-gradient column sums). Otherwise PyTorch's CPU flash attention runs per block.
+
     ``mm_dtype`` (e.g. ``torch.bfloat16`` under CPU autocast): the matmuls run in that dtype and the
     attention output is stored in it, while attention itself runs in float32 (the CPU flash
     kernels' bf16 backward is ~6x slower) and the residual stream (``h``, ``y`` and their
@@ -496,12 +502,12 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
                 if native:
                     qkv = torch.mm(x[r0:r1], w_in_c.t())
                     _, table, blses = _attention_forward(qkv, blocks, heads, out=out[r0:r1], bias=b_in_c)
-                else:
+                elif lowp:  # attention in float32, its output stored in the matmul dtype
                     qkv = torch.addmm(b_in_c, x[r0:r1].to(cd), w_in_c.t())
-                if lowp:  # attention in float32, its output stored in the matmul dtype
                     o32, table, blses = _attention_forward(qkv.float(), blocks, heads)
                     out[r0:r1].copy_(o32)
-                elif not native:
+                else:
+                    qkv = torch.addmm(b_in_c, x[r0:r1], w_in_c.t())
                     _, table, blses = _attention_forward(qkv, blocks, heads, out=out[r0:r1])
                 lses.extend(blses)
                 tables.append((table, len(blses)))

@@ -5,7 +5,10 @@ SAB, no input/output projection), the same weights and the same inputs: a batch 
 molecules with uniformly drawn sizes, QM9-like (9-29 atoms) and QMugs-like (40-228 atoms).
 One step = forward, ``sum()`` of the output, backward (parameter and input gradients).
 
-Prints, per size distribution: median step time of each (interleaved runs), the speed-up,
+Four implementations: PyG, ours (default), ours with ``recompute=False``, and ours with the
+native kernels switched off (PyTorch's flash attention per block: what ``abp_core.kernels``
+replaces). Prints, per size distribution: median step time of each (interleaved runs), the
+speed-up (ratio of medians, and of minima: PyG's large allocations make its timings noisy),
 peak extra memory of one step (fresh subprocess per measurement, see ``_common.py``),
 executed GFLOP (analytic count of matmuls and attention) and achieved GFLOP/s next to this
 machine's 2048^2 matmul peak, and whether outputs and gradients agree (fp32 ``allclose``).
@@ -31,8 +34,23 @@ from _common import (fmt_table, interleaved, machine_line, matmul_peak, measure_
                      median, run_child)
 
 DISTRIBUTIONS = {"qm9": (9, 29), "qmugs": (40, 228)}
-IMPLS = ("pyg", "ours", "ours-fast")
-LABELS = {"pyg": "PyG", "ours": "ours (default, recompute=True)", "ours-fast": "ours (recompute=False)"}
+IMPLS = ("pyg", "ours", "ours-fast", "ours-flash")
+LABELS = {"pyg": "PyG", "ours": "ours (default, recompute=True)", "ours-fast": "ours (recompute=False)",
+          "ours-flash": "ours, PyTorch flash attention"}
+
+
+class WithoutNativeKernels(torch.nn.Module):
+    """Our readout with the native kernels switched off: PyTorch's CPU flash attention per block of
+    equal-size molecules and PyTorch element-wise ops (what the native kernel replaces)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, batch):
+        from abp_core import kernels
+        with kernels.disabled():
+            return self.inner(x, batch)
 
 
 def copy_set_transformer_weights(ours, ref) -> None:
@@ -68,7 +86,7 @@ def build(impl: str, channels: int, heads: int, seed: int = 0):
     ours = AttentionPooling(channels, heads=heads, num_encoder_blocks=2, num_seeds=1, num_decoder_blocks=1,
                             input_projection=False, output_projection=False, recompute=impl != "ours-fast")
     copy_set_transformer_weights(ours, ref)
-    return ours
+    return WithoutNativeKernels(ours) if impl == "ours-flash" else ours
 
 
 def make_inputs(dist: str, batch_size: int, channels: int, seed: int = 0):
@@ -106,7 +124,7 @@ def executed_gflop(impl: str, sizes, c: int, heads: int, k: int = 1, n_enc: int 
         pma = c * c * rows + 2 * k * heads * c * rows + k * c * c * m
     macs = n_enc * (5 * c * c * rows + 2 * c * sq) + pma + 2 * k * c * c * m + n_dec * (5 * k * c * c * m + 2 * k * k * c * m)
     # ours (recompute=True) recomputes q|k|v of each SAB in the backward (3 C^2 per atom)
-    recompute = n_enc * 3 * c * c * rows if impl == "ours" else 0
+    recompute = n_enc * 3 * c * c * rows if impl in ("ours", "ours-flash") else 0
     return (3 * 2 * macs + 2 * recompute) / 1e9
 
 
@@ -206,16 +224,18 @@ def main(argv=None) -> int:
                              f"{t[impl] * 1e3:.0f}", f"{min(times[impl]) * 1e3:.0f}",
                              f"{mem[impl]:.0f}" if impl in mem else "-", f"{gf[impl]:.1f}",
                              f"{gf[impl] / t[impl]:.0f}", f"{t['pyg'] / t[impl]:.2f}x" if ours else "",
+                             f"{min(times['pyg']) / min(times[impl]):.2f}x" if ours else "",
                              (f"{mem[impl] / mem['pyg']:.2f}" if impl in mem else "-") if ours else "",
                              ("yes" if checks[impl][0] else "NO") + f" ({checks[impl][1]})"
                              if ours and vname == "fp32" else ""])
                 if ours:
-                    summary.append(f"{dist}/{vname}/{LABELS[impl]} {t['pyg'] / t[impl]:.2f}x time" +
+                    summary.append(f"{dist}/{vname}/{LABELS[impl]} {t['pyg'] / t[impl]:.2f}x time "
+                                   f"({min(times['pyg']) / min(times[impl]):.2f}x of minima)" +
                                    (f", {mem[impl] / mem['pyg']:.2f} memory" if impl in mem else "") +
                                    ((", identical" if checks[impl][0] else ", NOT IDENTICAL") if vname == "fp32"
                                     else ""))
     print(fmt_table(["sizes", "dtype", "impl", "atoms/mol", "atoms", "median ms", "min ms", "peak MiB",
-                     "GFLOP", "GFLOP/s", "speed-up", "mem / PyG", "same numbers (fp32 out diff; fp64 out, grad rel diff)"], rows))
+                     "GFLOP", "GFLOP/s", "speed-up", "speed-up (min)", "mem / PyG", "same numbers (fp32 out diff; fp64 out, grad rel diff)"], rows))
     print(f"# peak MiB: extra resident memory of one step in a fresh process (see benchmarks/_common.py); "
           f"GFLOP/s: executed analytic FLOPs / median time; matmul peak fp32 {peak['fp32']:.0f} GFLOP/s")
     print("SUMMARY readout: " + "; ".join(summary))

@@ -12,15 +12,15 @@
 // Layout (the caller's, see abp_core/kernels.py): qkv [N, 3C] row-major, q | k | v side by side,
 // head h in columns h*D .. h*D+D-1 of each; out [N, C]; lse [N, H]; grad [N, 3C] like qkv (may be
 // qkv itself: a task copies its q/k/v columns before writing their gradients).
-// Plain C ABI (loaded with ctypes, which releases the GIL); threads are std::threads.
+// Plain C ABI (loaded with ctypes, which releases the GIL). Threads are OpenMP's: the library links
+// libgomp.so.1, which resolves to the copy PyTorch has already loaded, so attention runs on PyTorch's
+// own thread pool (separate std::threads competed with its spinning workers on a 2-core machine).
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -401,23 +401,19 @@ void run(const Problem& P, int threads) {
     for (int64_t m = 0; m < total; ++m) order[m] = m;
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return P.sizes[a] > P.sizes[b]; });
     std::atomic<int64_t> next{0};
-    std::mutex reduce;
     const int64_t cols = 3 * P.channels;
     if (P.colsum) std::fill(P.colsum, P.colsum + cols, 0.0f);
-    auto work = [&]() {
+    threads = std::max(1, std::min<int>(threads, (int)std::min<int64_t>(total, 64)));
+#pragma omp parallel num_threads(threads)
+    {
         Scratch S;
         if (P.colsum) S.colsum.assign(cols, 0.0f);
         for (int64_t t; (t = next.fetch_add(1)) < total;) Task(P, order[t], S);
         if (P.colsum) {
-            std::lock_guard<std::mutex> lock(reduce);
+#pragma omp critical
             for (int64_t c = 0; c < cols; ++c) P.colsum[c] += S.colsum[c];
         }
-    };
-    threads = std::max(1, std::min<int>(threads, (int)std::min<int64_t>(total, 64)));
-    std::vector<std::thread> pool;
-    for (int i = 1; i < threads; ++i) pool.emplace_back(work);
-    work();
-    for (auto& t : pool) t.join();
+    }
 }
 
 template <int D>
@@ -441,11 +437,9 @@ int launch(const Problem& P, int threads, bool backward) {
 template <typename F>
 void parallel_rows(int64_t rows, int threads, F run) {
     threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
-    std::vector<std::thread> pool;
     const int64_t per = (rows + threads - 1) / threads;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(run, std::min(rows, t * per), std::min(rows, (t + 1) * per), t);
-    run(0, std::min(rows, per), 0);
-    for (auto& t : pool) t.join();
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) run(std::min(rows, t * per), std::min(rows, (t + 1) * per), t);
 }
 
 // Column sums of per-thread partial sums into out (cols values).
