@@ -191,6 +191,12 @@ def _check(table: Tuple[Tensor, Tensor], rows: int) -> Tuple[Tensor, Tensor]:
     return starts, sizes
 
 
+def _lib() -> ctypes.CDLL:
+    if not available():
+        raise RuntimeError(f"the native kernels are unavailable: {unavailable_reason()}")
+    return _state["lib"]
+
+
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -215,7 +221,7 @@ def attention_forward(qkv: Tensor, table: Tuple[Tensor, Tensor], heads: int, out
     elif out.shape != (n_rows, c) or not out.is_contiguous() or out.dtype != qkv.dtype:
         raise ValueError(f"out must be a contiguous float32 [{n_rows}, {c}] tensor")
     lse = qkv.new_empty(n_rows, heads)
-    code = _state["lib"].abp_set_attention_forward(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(lse), _ptr(starts),
+    code = _lib().abp_set_attention_forward(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(lse), _ptr(starts),
                                                    _ptr(sizes), starts.numel(), c, heads, torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"native attention forward failed (code {code}; channels {c}, heads {heads})")
@@ -236,7 +242,7 @@ def attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, 
             raise ValueError(f"{name} must be a contiguous float32 {list(shape)} tensor, got {list(t.shape)}")
     starts, sizes = _check(table, n_rows)
     sums = qkv.new_empty(3 * c) if column_sums else None
-    code = _state["lib"].abp_set_attention_backward(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(lse), _ptr(grad_out),
+    code = _lib().abp_set_attention_backward(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(lse), _ptr(grad_out),
                                                     _ptr(grad), _ptr(sums), _ptr(starts), _ptr(sizes), starts.numel(),
                                                     c, heads, torch.get_num_threads())
     if code != 0:
@@ -255,7 +261,7 @@ def relu_residual(z: Tensor, bias: Tensor, h: Tensor) -> Tensor:
     for name, t, shape in (("z", z, (rows, cols)), ("h", h, (rows, cols)), ("bias", bias, (cols,))):
         _rows(name, t, shape)
     mask = torch.empty(rows, cols, dtype=torch.bool)
-    _state["lib"].abp_relu_residual(_ptr(z), _ptr(bias), _ptr(h), _ptr(mask), rows, cols, torch.get_num_threads())
+    _lib().abp_relu_residual(_ptr(z), _ptr(bias), _ptr(h), _ptr(mask), rows, cols, torch.get_num_threads())
     return mask
 
 
@@ -264,7 +270,7 @@ def add_residual(h: Tensor, x: Tensor, bias: Tensor) -> Tensor:
     rows, cols = h.shape
     for name, t, shape in (("h", h, (rows, cols)), ("x", x, (rows, cols)), ("bias", bias, (cols,))):
         _rows(name, t, shape)
-    _state["lib"].abp_add_residual(_ptr(h), _ptr(x), _ptr(bias), rows, cols, torch.get_num_threads())
+    _lib().abp_add_residual(_ptr(h), _ptr(x), _ptr(bias), rows, cols, torch.get_num_threads())
     return h
 
 
@@ -274,6 +280,6 @@ def relu_backward(grad: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     _rows("grad", grad, (rows, cols))
     _rows("mask", mask, (rows, cols), torch.bool)
     out, sum_out, sum_grad = torch.empty_like(grad), grad.new_empty(cols), grad.new_empty(cols)
-    _state["lib"].abp_relu_backward(_ptr(grad), _ptr(mask), _ptr(out), _ptr(sum_out), _ptr(sum_grad), rows, cols,
+    _lib().abp_relu_backward(_ptr(grad), _ptr(mask), _ptr(out), _ptr(sum_out), _ptr(sum_grad), rows, cols,
                                     torch.get_num_threads())
     return out, sum_out, sum_grad

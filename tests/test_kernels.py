@@ -206,6 +206,9 @@ def test_switched_off_by_environment_without_warning(fresh_kernels, monkeypatch)
         warnings.simplefilter("error")
         assert not kernels.available()
     assert "ABP_NATIVE_ATTENTION" in kernels.unavailable_reason()
+    qkv, blocks, _ = packed([3], 64)
+    with pytest.raises(RuntimeError, match="unavailable.*ABP_NATIVE_ATTENTION"):
+        kernels.attention_forward(qkv, kernels.molecule_table(blocks), 4)
 
 
 def test_compiler_errors_are_reported(fresh_kernels, monkeypatch):
