@@ -22,6 +22,7 @@ def bench():
 @pytest.mark.parametrize("script,args", [
     ("readout", ["--quick", "--dists", "qm9"]),  # with the fresh-process memory measurement
     ("scaling", ["--quick", "--no-memory"]),
+    ("attention", ["--quick"]),
     ("train_step", ["--quick", "--no-memory", "--no-bf16"]),
     ("train_step", ["--quick", "--no-memory", "--no-bf16", "--backbones", "schnet", "--flush-denormal"]),
     ("fast_path_accuracy", ["--quick", "--seeds", "0", "--variants", "stock fp32", "ours fp32"]),

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -184,37 +185,34 @@ inline void weighted_rows(const float* __restrict w, int64_t np, const float* __
     }
 }
 
-// Copy a molecule's n packed rows of one of q, k, v (columns src .. src + C - 1 of each row, row
-// stride ld) into per-head dense n x D blocks (times mul), and optionally into per-head tiled
-// transposed blocks (np / 16 tiles of D x 16 each, zero-padded). Rows are read once, contiguously,
-// for all heads: one pass over the molecule's rows instead of one per head.
-// In-register 16 x 16 transpose: four rounds, each swapping one bit of the row index with the same
-// bit of the lane index (two-source shuffles).
+// In-register 16 x 16 transpose: four rounds, round B swapping bit B of the row index with bit B of
+// the lane index (two-source shuffles with compile-time lane indices).
+template <int B, int... L>
+inline v16 shuffle_low(v16 a, v16 c, std::integer_sequence<int, L...>) {
+    return __builtin_shufflevector(a, c, ((L & B) ? 16 + L - B : L)...);
+}
+
+template <int B, int... L>
+inline v16 shuffle_high(v16 a, v16 c, std::integer_sequence<int, L...>) {
+    return __builtin_shufflevector(a, c, ((L & B) ? 16 + L : L + B)...);
+}
+
+template <int B>
+inline void transpose_round(v16* r) {
+    const std::make_integer_sequence<int, 16> lanes;
+    for (int i = 0; i < 16; ++i) {
+        if (i & B) continue;
+        const v16 a = r[i], c = r[i + B];
+        r[i] = shuffle_low<B>(a, c, lanes);
+        r[i + B] = shuffle_high<B>(a, c, lanes);
+    }
+}
+
 inline void transpose16(v16* r) {
-    for (int i = 0; i < 16; ++i) {  // swap row bit and lane bit 1
-        if (i & 1) continue;
-        const v16 a = r[i], c = r[i + 1];
-        r[i] = __builtin_shufflevector(a, c, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-        r[i + 1] = __builtin_shufflevector(a, c, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    }
-    for (int i = 0; i < 16; ++i) {  // swap row bit and lane bit 2
-        if (i & 2) continue;
-        const v16 a = r[i], c = r[i + 2];
-        r[i] = __builtin_shufflevector(a, c, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-        r[i + 2] = __builtin_shufflevector(a, c, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    }
-    for (int i = 0; i < 16; ++i) {  // swap row bit and lane bit 4
-        if (i & 4) continue;
-        const v16 a = r[i], c = r[i + 4];
-        r[i] = __builtin_shufflevector(a, c, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-        r[i + 4] = __builtin_shufflevector(a, c, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    }
-    for (int i = 0; i < 16; ++i) {  // swap row bit and lane bit 8
-        if (i & 8) continue;
-        const v16 a = r[i], c = r[i + 8];
-        r[i] = __builtin_shufflevector(a, c, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-        r[i + 8] = __builtin_shufflevector(a, c, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    }
+    transpose_round<1>(r);
+    transpose_round<2>(r);
+    transpose_round<4>(r);
+    transpose_round<8>(r);
 }
 
 // Copy one of q, k, v of a molecule's n packed rows (row stride ld, head h in columns h*D .. h*D+D-1)
