@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["available", "unavailable_reason", "supports", "disabled", "molecule_table", "attention_forward",
+__all__ = ["available", "unavailable_reason", "applies", "supports", "disabled", "molecule_table", "attention_forward",
            "attention_backward", "relu_residual", "add_residual", "relu_backward", "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
@@ -157,11 +157,16 @@ def _reset() -> None:
         _state.update(lib=None, reason=None, tried=False, off=False)
 
 
+def applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Do the native kernels run on tensors of this device and dtype (CPU float32, built, not
+    :func:`disabled`)?"""
+    return not _state["off"] and device.type == "cpu" and dtype == torch.float32 and available()
+
+
 def supports(device: torch.device, dtype: torch.dtype, channels: int, heads: int) -> bool:
     """Can the native kernel run attention of this width (``C``, the q|k|v tensor being ``[N, 3C]``)?
     ``False`` inside :func:`disabled`."""
-    return (not _state["off"] and device.type == "cpu" and dtype == torch.float32 and channels % heads == 0
-            and channels // heads in HEAD_DIMS and available())
+    return channels % heads == 0 and channels // heads in HEAD_DIMS and applies(device, dtype)
 
 
 @contextlib.contextmanager
@@ -255,11 +260,13 @@ def _rows(name: str, t: Tensor, shape, dtype=torch.float32) -> None:
         raise ValueError(f"{name} must be a contiguous {dtype} {list(shape)} tensor, got {list(t.shape)} {t.dtype}")
 
 
-def relu_residual(z: Tensor, bias: Tensor, h: Tensor) -> Tensor:
-    """In place ``z <- h + relu(z + bias)`` (``[N, C]``, ``bias`` ``[C]``); returns the ReLU mask (bool)."""
+def relu_residual(z: Tensor, bias: Tensor, h: Optional[Tensor] = None) -> Tensor:
+    """In place ``z <- h + relu(z + bias)`` (``[N, C]``, ``bias`` ``[C]``; without ``h``: ``relu(z + bias)``);
+    returns the ReLU mask (bool)."""
     rows, cols = z.shape
     for name, t, shape in (("z", z, (rows, cols)), ("h", h, (rows, cols)), ("bias", bias, (cols,))):
-        _rows(name, t, shape)
+        if t is not None:
+            _rows(name, t, shape)
     mask = torch.empty(rows, cols, dtype=torch.bool)
     _lib().abp_relu_residual(_ptr(z), _ptr(bias), _ptr(h), _ptr(mask), rows, cols, torch.get_num_threads())
     return mask

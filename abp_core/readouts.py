@@ -607,6 +607,35 @@ def _fused_sab_backward_low_precision(ctx, gy, x, w_in, b_in, w_o, w_l, out, h, 
             gw_l.to(p), gb_l.to(p))
 
 
+class _LinearReLU(torch.autograd.Function):
+    """``relu(x W^T + b)`` with the native kernels: a plain matmul, then bias + ReLU + mask in one pass;
+    the backward's ReLU mask and bias-gradient column sum are one pass too (instead of a bias copy, a
+    ReLU, a ReLU backward and a sum). Same numbers as ``F.linear(x, w, b).relu()`` (fp32 rounding)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        y = torch.mm(x, weight.t())
+        mask = kernels.relu_residual(y, bias)
+        ctx.save_for_backward(x, weight, mask)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, mask = ctx.saved_tensors
+        gz, gb, _ = kernels.relu_backward(grad.contiguous(), mask)
+        gx = torch.mm(gz, weight) if ctx.needs_input_grad[0] else None
+        return gx, gz.t().mm(x), gb
+
+
+def linear_relu(lin: Linear, x: Tensor) -> Tensor:
+    """``relu(lin(x))``: :class:`_LinearReLU` where the native kernels apply (CPU, float32, no autocast)."""
+    if (x.dim() == 2 and x.is_contiguous() and lin.bias is not None and x.dtype == lin.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type) and kernels.applies(x.device, x.dtype)):
+        return _LinearReLU.apply(x, lin.weight, lin.bias)
+    return lin(x).relu_()
+
+
 class _BlockPool(torch.autograd.Function):
     """``out[m] = a[m, :n_m]^T y_m`` for every molecule: attention-weighted sums of sorted packed rows.
 
@@ -997,11 +1026,11 @@ class AttentionPooling(Readout):
         layout = SetLayout(batch, dim_size)
         x = layout.to_sorted(x)
         if self.input_lin is not None:
-            x = self.input_lin(x).relu_()
+            x = linear_relu(self.input_lin, x)
         for block in self.encoders:
             x = (block.forward_packed(x, layout, recompute=self.recompute)
                  if isinstance(block, MultiheadAttentionBlock) else block.forward_packed(x, layout))
-        return self.pma_lin(x).relu_(), layout
+        return linear_relu(self.pma_lin, x), layout
 
     def _encode(self, x: Tensor, batch: Tensor, dim_size: int) -> Tuple[Tensor, SetLayout]:
         """Encoded atoms (the PMA keys) in the batch's atom order, and their layout."""

@@ -121,6 +121,28 @@ def test_fused_elementwise_kernels():
     assert torch.allclose(s_gz, gz.sum(0), atol=1e-4) and torch.allclose(s_gy, gy.sum(0), atol=1e-4)
 
 
+def test_linear_relu_matches_pytorch():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(300, 24)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1 = readouts.linear_relu(lin, x1)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    grads1 = [x1.grad] + [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
+    y2 = torch.relu(lin(x2))
+    y2.backward(g)
+    assert y1.grad_fn.name().startswith("_LinearReLU")  # the native path ran
+    assert torch.allclose(y1, y2, atol=1e-6)
+    for a, b in zip(grads1, [x2.grad] + [p.grad for p in lin.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+    with kernels.disabled():
+        assert readouts.linear_relu(lin, x).grad_fn.name() != y1.grad_fn.name()
+    y64 = readouts.linear_relu(lin.double(), x.double())  # float64: PyTorch's ops
+    assert torch.allclose(y64.float(), y2, atol=1e-5)
+
+
 def test_bad_arguments_are_refused():
     qkv, blocks, go = packed([4, 4], 64)
     table = kernels.molecule_table(blocks)

@@ -495,8 +495,8 @@ int abp_set_attention_backward(const float* qkv, const float* bias, const float*
 int abp_set_attention_abi_version() { return 2; }
 
 
-// SAB feed-forward epilogue, in place: z <- h + relu(z + b), mask <- (z + b > 0), for [rows, C] z and h
-// (b: C values). One pass instead of a bias copy, a comparison, a ReLU and an addition.
+// Linear layer epilogue, in place: z <- h + relu(z + b) (or relu(z + b) if h is null), mask <- (z + b > 0),
+// for [rows, C] z and h (b: C values). One pass instead of a bias copy, a comparison, a ReLU and an addition.
 int abp_relu_residual(float* z, const float* b, const float* h, uint8_t* mask, int64_t rows, int64_t cols,
                       int threads) {
     parallel_rows(rows, threads, [&](int64_t first, int64_t last, int) {
@@ -505,7 +505,7 @@ int abp_relu_residual(float* z, const float* b, const float* h, uint8_t* mask, i
                 const float a = z[r * cols + c] + b[c];
                 const bool on = a > 0.0f;
                 mask[r * cols + c] = on;
-                z[r * cols + c] = h[r * cols + c] + (on ? a : 0.0f);
+                z[r * cols + c] = (h ? h[r * cols + c] : 0.0f) + (on ? a : 0.0f);
             }
     });
     return 0;
