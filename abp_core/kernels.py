@@ -191,9 +191,14 @@ def molecule_table(blocks: Sequence[Tuple[int, int, int, int]]) -> Tuple[Tensor,
 
 def _check(table: Tuple[Tensor, Tensor], rows: int) -> Tuple[Tensor, Tensor]:
     starts, sizes = table
-    if starts.numel() and int((starts + sizes).max()) > rows:
-        raise ValueError(f"molecule table reaches row {int((starts + sizes).max())} of a {rows}-row tensor")
-    return starts, sizes
+    if starts.shape != sizes.shape or starts.dim() != 1 or starts.dtype != torch.int64 or sizes.dtype != torch.int64:
+        raise ValueError("the molecule table must be two int64 vectors of equal length (see molecule_table)")
+    if starts.numel():
+        if int(sizes.min()) < 1 or int(starts.min()) < 0:
+            raise ValueError("the molecule table has an empty molecule or a negative first row")
+        if int((starts + sizes).max()) > rows:
+            raise ValueError(f"molecule table reaches row {int((starts + sizes).max())} of a {rows}-row tensor")
+    return starts.contiguous(), sizes.contiguous()
 
 
 def _lib() -> ctypes.CDLL:

@@ -150,6 +150,10 @@ def test_bad_arguments_are_refused():
         kernels.attention_forward(qkv.double(), table, 4)
     with pytest.raises(ValueError, match="row"):
         kernels.attention_forward(qkv[:5], table, 4)
+    with pytest.raises(ValueError, match="empty molecule"):
+        kernels.attention_forward(qkv, (torch.tensor([0, 4]), torch.tensor([4, 0])), 4)
+    with pytest.raises(ValueError, match="int64"):
+        kernels.attention_forward(qkv, (table[0].int(), table[1]), 4)
     with pytest.raises(ValueError, match="bias"):
         kernels.attention_forward(qkv, table, 4, bias=torch.zeros(10))
     out, lse = kernels.attention_forward(qkv, table, 4)
