@@ -31,6 +31,11 @@ def test_benchmark_quick(bench, script, args, capsys):
     # one thread: tiny problems on a busy shared machine are otherwise dominated by thread hand-offs
     import torch
 
+    from abp_core import kernels
+
+    if script == "attention" and not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason()}")
+
     threads = torch.get_num_threads()
     try:
         assert bench(script).main(args + ["--threads", "1"]) == 0
