@@ -2,10 +2,11 @@
 
 Exact fp32 multi-head self-attention within each molecule of size-sorted packed atoms, forward
 and backward, for head dimensions 16, 32 and 64, and the element-wise passes around it fused
-(bias + ReLU + residual in one pass; ReLU backward with the bias gradients' column sums). It replaces one call of PyTorch's CPU
-flash-attention kernel per block of equal-size molecules by one call per layer; a task is a
-whole molecule (all heads), so its rows are read once. ``benchmarks/readout.py`` measures it
-against PyG and against the flash path (``ABP_NATIVE_ATTENTION=0``).
+(bias + ReLU + residual in one pass; ReLU backward with the bias gradients' column sums). It
+replaces one call of PyTorch's CPU flash-attention kernel per block of equal-size molecules by
+one call per group of rows; a task is a whole molecule (all heads), so its rows are read once.
+``benchmarks/attention.py`` measures it against the flash kernels, ``benchmarks/readout.py`` the
+whole readout against PyG and against our flash path (:func:`disabled`).
 
 The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``;
 about 3 s) into a cache directory (``$ABP_KERNEL_CACHE``, else ``~/.cache/abp/kernels``), keyed
@@ -93,8 +94,12 @@ def _build(cxx: str, target: Path) -> None:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    if lib.abp_set_attention_abi_version() != ABI_VERSION:
-        raise OSError(f"{path} reports ABI version {lib.abp_set_attention_abi_version()}, expected {ABI_VERSION}")
+    try:
+        version = lib.abp_set_attention_abi_version()
+    except AttributeError as err:  # some other library under that name
+        raise OSError(f"{path} is not the abp attention kernel: {err}") from None
+    if version != ABI_VERSION:
+        raise OSError(f"{path} reports ABI version {version}, expected {ABI_VERSION}")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.abp_set_attention_forward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
     lib.abp_set_attention_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]

@@ -4,14 +4,16 @@
 //
 // Why: PyTorch's CPU flash-attention kernel tiles queries in 32-64 rows and calls a BLAS gemm per
 // tile; with D = 16 those gemms are tiny and the kernel runs at 20-30 % of the machine's matmul
-// peak. Here one task is one (molecule, head) pair: its keys and values (at most a few hundred
-// atoms) are copied once into L1/L2-resident scratch, and every query row streams over them with
-// 16-wide vector FMAs. No n x n matrix is stored; the backward recomputes the probabilities from
-// the saved log-sum-exps, as flash attention does.
+// peak. Here one task is one molecule (all heads, so its strided rows are read once): its keys and
+// values (at most a few hundred atoms) are staged in L2-resident scratch, keys as transposed 16-wide
+// tiles, and blocks of R = 4 query rows stream over them with 16-wide vector FMAs. No n x n matrix
+// is stored; the backward recomputes the probabilities from the saved log-sum-exps, as flash
+// attention does. An optional q|k|v bias is added while staging, and the backward can return the
+// bias gradient (column sums of the q|k|v gradient).
 //
 // Layout (the caller's, see abp_core/kernels.py): qkv [N, 3C] row-major, q | k | v side by side,
 // head h in columns h*D .. h*D+D-1 of each; out [N, C]; lse [N, H]; grad [N, 3C] like qkv (may be
-// qkv itself: a task copies its q/k/v columns before writing their gradients).
+// qkv itself: a task reads all its rows of qkv before it writes any of their gradients).
 // Plain C ABI (loaded with ctypes, which releases the GIL). Threads are OpenMP's: the library links
 // libgomp.so.1, which resolves to the copy PyTorch has already loaded, so attention runs on PyTorch's
 // own thread pool (separate std::threads competed with its spinning workers on a 2-core machine).
@@ -110,9 +112,9 @@ struct Scratch {
     }
 };
 
-// s_u[j] = mul * sum_t a_u[t] * b[j, t] for R rows u (a_u = rows[u] + bias) and j < np (rows of s at stride np), with b stored as
-// tiles: tile c (keys 16c .. 16c+15) is the D x 16 block at bt + 16 c D (transposed, zero-padded
-// past n). With Max, entries n .. np-1 become -inf and mx[u] = max_j s_u[j].
+// s_u[j] = mul * sum_t a_u[t] * b[j, t] for R rows u (a_u = rows[u] + bias) and j < np (rows of s at
+// stride np), with b stored as tiles: tile c (keys 16c .. 16c+15) is the D x 16 block at bt + 16 c D
+// (transposed, zero-padded past n). With Max, entries n .. np-1 become -inf and mx[u] = max_j s_u[j].
 template <int D, bool Max>
 inline void scores(const float* const* rows, const HeadBias<D>& bias, float mul, const float* __restrict bt, int64_t n,
                    int64_t np, float* __restrict s, float* mx) {
