@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 __all__ = ["radius_graph", "triplets", "undirected_pairs", "gather_mul_scatter", "triplet_message",
            "RadiusInteractionGraph",
            "check_batch_vector"]
@@ -180,8 +182,14 @@ class _PairMulScatter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, a: Tensor, b: Tensor, num_nodes: int):
-        out = w.new_zeros(num_nodes, w.size(1))
-        out.index_add_(0, a, x.index_select(0, b) * w).index_add_(0, b, x.index_select(0, a) * w)
+        # native kernel (one pass per pair, no gathered [P, F] temporaries) for CPU float32
+        ctx.native = (x.dtype == w.dtype and x.is_contiguous() and w.is_contiguous() and w.size(1) % 16 == 0
+                      and x.size(0) == num_nodes and kernels.applies(x.device, x.dtype))
+        if ctx.native:
+            out = kernels.pair_mul_scatter(x, w, a, b)
+        else:
+            out = w.new_zeros(num_nodes, w.size(1))
+            out.index_add_(0, a, x.index_select(0, b) * w).index_add_(0, b, x.index_select(0, a) * w)
         ctx.save_for_backward(x, w, a, b)
         return out
 
@@ -189,6 +197,10 @@ class _PairMulScatter(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, w, a, b = ctx.saved_tensors
+        if ctx.native:
+            gx, gw = kernels.pair_mul_scatter_backward(grad.contiguous(), x, w, a, b, ctx.needs_input_grad[0],
+                                                       ctx.needs_input_grad[1])
+            return gx, gw, None, None, None
         ga, gb = grad.index_select(0, a), grad.index_select(0, b)
         gx = gw = None
         if ctx.needs_input_grad[0]:

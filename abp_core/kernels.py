@@ -35,10 +35,11 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "unavailable_reason", "applies", "supports", "disabled", "molecule_table", "attention_forward",
-           "attention_backward", "relu_residual", "add_residual", "relu_backward", "NativeKernelWarning"]
+           "attention_backward", "relu_residual", "add_residual", "relu_backward", "shifted_softplus",
+           "shifted_softplus_backward", "pair_mul_scatter", "pair_mul_scatter_backward", "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 4
 HEAD_DIMS = (16, 32, 64)
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native", "-mprefer-vector-width=512"]
 
@@ -106,8 +107,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.abp_relu_residual.argtypes = [p, p, p, p, i64, i64, i32]
     lib.abp_add_residual.argtypes = [p, p, p, i64, i64, i32]
     lib.abp_relu_backward.argtypes = [p, p, p, p, p, i64, i64, i32]
+    lib.abp_shifted_softplus.argtypes = [p, p, ctypes.c_float, i64, i64, i32]
+    lib.abp_shifted_softplus_backward.argtypes = [p, p, ctypes.c_float, p, p, i64, i64, i32]
+    lib.abp_pair_mul_scatter.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+    lib.abp_pair_mul_scatter_backward.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i32]
     for f in (lib.abp_set_attention_forward, lib.abp_set_attention_backward, lib.abp_relu_residual,
-              lib.abp_add_residual, lib.abp_relu_backward):
+              lib.abp_add_residual, lib.abp_relu_backward, lib.abp_shifted_softplus,
+              lib.abp_shifted_softplus_backward, lib.abp_pair_mul_scatter, lib.abp_pair_mul_scatter_backward):
         f.restype = i32
     return lib
 
@@ -300,3 +306,65 @@ def relu_backward(grad: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     _lib().abp_relu_backward(_ptr(grad), _ptr(mask), _ptr(out), _ptr(sum_out), _ptr(sum_grad), rows, cols,
                                     torch.get_num_threads())
     return out, sum_out, sum_grad
+
+
+def shifted_softplus(y: Tensor, bias: Tensor, shift: float) -> Tensor:
+    """In place ``y <- softplus(y + bias) - shift`` (``[N, C]`` with ``C`` a multiple of 16, ``bias``
+    ``[C]``); returns ``y``. The backward needs only ``y`` (:func:`shifted_softplus_backward`)."""
+    rows, cols = y.shape
+    _rows("y", y, (rows, cols))
+    _rows("bias", bias, (cols,))
+    if cols % 16:
+        raise ValueError(f"shifted_softplus needs a multiple of 16 columns, got {cols}")
+    _lib().abp_shifted_softplus(_ptr(y), _ptr(bias), shift, rows, cols, torch.get_num_threads())
+    return y
+
+
+def shifted_softplus_backward(grad: Tensor, y: Tensor, shift: float) -> Tuple[Tensor, Tensor]:
+    """Gradient through :func:`shifted_softplus` from its output ``y``: ``(grad * sigmoid(z), its column
+    sums)``, using ``sigmoid(z) = 1 - exp(-(y + shift))``."""
+    rows, cols = y.shape
+    _rows("grad", grad, (rows, cols))
+    _rows("y", y, (rows, cols))
+    if cols % 16:
+        raise ValueError(f"shifted_softplus_backward needs a multiple of 16 columns, got {cols}")
+    out, sums = torch.empty_like(grad), grad.new_empty(cols)
+    _lib().abp_shifted_softplus_backward(_ptr(grad), _ptr(y), shift, _ptr(out), _ptr(sums), rows, cols,
+                                         torch.get_num_threads())
+    return out, sums
+
+
+def _pairs(x: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tuple[int, int, int]:
+    nodes, f = x.shape
+    pairs = w.size(0)
+    _rows("x", x, (nodes, f))
+    _rows("w", w, (pairs, f))
+    for name, t in (("a", a), ("b", b)):
+        _rows(name, t, (pairs,), torch.int64)
+    if f % 16:
+        raise ValueError(f"pair_mul_scatter needs a multiple of 16 features, got {f}")
+    if pairs and (int(torch.minimum(a, b).min()) < 0 or int(torch.maximum(a, b).max()) >= nodes):
+        raise ValueError(f"pair atoms must lie in [0, {nodes})")
+    return nodes, f, pairs
+
+
+def pair_mul_scatter(x: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``out[a] += x[b] * w``, ``out[b] += x[a] * w`` over pairs (``x`` ``[N, F]``, ``w`` ``[P, F]``); pairs
+    sorted by ``a < b`` (as :func:`abp_core.graph.undirected_pairs` returns them) run in parallel."""
+    nodes, f, pairs = _pairs(x, w, a, b)
+    out = x.new_empty(nodes, f)
+    _lib().abp_pair_mul_scatter(_ptr(x), _ptr(w), _ptr(a), _ptr(b), _ptr(out), pairs, nodes, f,
+                                torch.get_num_threads())
+    return out
+
+
+def pair_mul_scatter_backward(grad: Tensor, x: Tensor, w: Tensor, a: Tensor, b: Tensor, need_x: bool = True,
+                              need_w: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of :func:`pair_mul_scatter` with respect to ``x`` and ``w`` (``None`` where not needed)."""
+    nodes, f, pairs = _pairs(x, w, a, b)
+    _rows("grad", grad, (nodes, f))
+    gx = torch.empty_like(x) if need_x else None
+    gw = torch.empty_like(w) if need_w else None
+    _lib().abp_pair_mul_scatter_backward(_ptr(grad), _ptr(x), _ptr(w), _ptr(a), _ptr(b), _ptr(gx), _ptr(gw),
+                                         pairs, nodes, f, torch.get_num_threads())
+    return gx, gw

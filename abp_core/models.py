@@ -27,6 +27,7 @@ from torch_geometric.nn.models.dimenet import (BesselBasisLayer, EmbeddingBlock,
 from torch_geometric.nn.resolver import activation_resolver
 from torch_geometric.nn.models.schnet import ShiftedSoftplus
 
+from . import kernels
 from .graph import (RadiusInteractionGraph, check_batch_vector, gather_mul_scatter, radius_graph, triplet_message,
                     triplets, undirected_pairs)
 from .readouts import OrbitalWeightedAveragePooling, Readout, build_readout
@@ -66,6 +67,37 @@ def gaussian_features(dist: Tensor, offset: Tensor, coeff: float) -> Tensor:
 def shifted_softplus(x: Tensor, shift: float) -> Tensor:
     """``softplus(x) - shift`` (PyG's ``ShiftedSoftplus`` stores ``shift = log 2`` rounded to float32)."""
     return F.softplus(x) - shift
+
+
+class _LinearShiftedSoftplus(torch.autograd.Function):
+    """``softplus(x W^T + b) - shift`` with the native kernels: a plain matmul, then bias + softplus +
+    shift in one pass; the backward derives ``softplus'`` from the output (``1 - exp(-(y + shift))``),
+    so no pre-activation is stored, and returns the bias gradient from the same pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, shift: float) -> Tensor:
+        y = kernels.shifted_softplus(torch.mm(x, weight.t()), bias, shift)
+        ctx.shift = shift
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, y = ctx.saved_tensors
+        gz, gb = kernels.shifted_softplus_backward(grad.contiguous(), y, ctx.shift)
+        gx = torch.mm(gz, weight) if ctx.needs_input_grad[0] else None
+        return gx, gz.t().mm(x), gb, None
+
+
+def linear_shifted_softplus(x: Tensor, weight: Tensor, bias: Tensor, shift: float) -> Tensor:
+    """``shifted_softplus(F.linear(x, weight, bias), shift)``; native kernels where they apply (CPU float32,
+    no autocast, a multiple of 16 outputs)."""
+    if (x.dim() == 2 and x.is_contiguous() and weight.size(0) % 16 == 0 and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+            and kernels.applies(x.device, x.dtype)):
+        return _LinearShiftedSoftplus.apply(x, weight, bias, shift)
+    return shifted_softplus(F.linear(x, weight, bias), shift)
 
 
 class SchNetBackbone(torch.nn.Module):
@@ -132,9 +164,8 @@ class SchNetBackbone(torch.nn.Module):
         """The interactions of the fast path, from per-pair Gaussian features ``rbf`` and cutoff ``cut``."""
         f, num_nodes = self.num_filters, h.size(0)
         first = [block.mlp[0] for block in self.interactions]
-        hidden = shifted_softplus(F.linear(rbf, torch.cat([m.weight for m in first]),
-                                           torch.cat([m.bias for m in first])),
-                                  self.interactions[0].mlp[1].shift)  # [P, T * F]
+        hidden = linear_shifted_softplus(rbf, torch.cat([m.weight for m in first]), torch.cat([m.bias for m in first]),
+                                         float(self.interactions[0].mlp[1].shift))  # [P, T * F]
         compiling = torch.compiler.is_compiling()
         # split (not slicing): its backward is one concatenation, not a zero-filled [P, T * F] per block
         for block, part in zip(self.interactions, hidden.split(f, dim=1)):

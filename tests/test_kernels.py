@@ -245,3 +245,63 @@ def test_compiler_errors_are_reported(fresh_kernels, monkeypatch):
         assert not kernels.available()
     assert not any(p.suffix == ".so" for p in fresh_kernels.glob("*"))
     assert os.path.isdir(fresh_kernels)
+
+
+def test_linear_shifted_softplus_matches_pytorch():
+    from abp_core.models import linear_shifted_softplus, shifted_softplus
+
+    torch.manual_seed(0)
+    x = torch.randn(500, 50) * 4  # pre-activations from about -40 to 40: both softplus branches
+    w, b = torch.randn(96, 50), torch.randn(96)
+    shift = math.log(2.0)
+    x1, w1, b1 = (t.clone().requires_grad_(True) for t in (x, w, b))
+    y1 = linear_shifted_softplus(x1, w1, b1, shift)
+    assert y1.grad_fn.name().startswith("_LinearShiftedSoftplus")
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    x2, w2, b2 = (t.clone().requires_grad_(True) for t in (x, w, b))
+    y2 = shifted_softplus(torch.nn.functional.linear(x2, w2, b2), shift)
+    y2.backward(g)
+    assert torch.allclose(y1, y2, rtol=1e-6, atol=1e-6)
+    for a, ref in ((x1.grad, x2.grad), (w1.grad, w2.grad), (b1.grad, b2.grad)):
+        assert torch.allclose(a, ref, rtol=1e-5, atol=1e-4)
+    # 40 outputs (not a multiple of 16): PyTorch's ops
+    y3 = linear_shifted_softplus(x, w[:40].clone().requires_grad_(True), b[:40], shift)
+    assert not y3.grad_fn.name().startswith("_LinearShiftedSoftplus")
+    assert torch.allclose(y3, y2[:, :40], atol=1e-6)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_pair_mul_scatter_matches_pytorch(shuffle):
+    from abp_core.graph import _PairMulScatter, undirected_pairs
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [5, 1, 12, 30, 2, 17]  # molecules: all pairs within each
+    edges, start = [], 0
+    for n in sizes:
+        idx = torch.arange(start, start + n)
+        e = torch.cartesian_prod(idx, idx)
+        edges.append(e[e[:, 0] != e[:, 1]])
+        start += n
+    a, b, _ = undirected_pairs(torch.cat(edges).t(), start)
+    if shuffle:  # not sorted by a: the kernel falls back to one thread, same numbers
+        perm = torch.randperm(a.numel(), generator=g)
+        a, b = a[perm].contiguous(), b[perm].contiguous()
+    x = torch.randn(start, 32, generator=g)
+    w = torch.randn(a.numel(), 32, generator=g)
+    gout = torch.randn(start, 32, generator=g)
+
+    def run(native):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if native:
+            out = _PairMulScatter.apply(xr, wr, a, b, start)
+        else:
+            with kernels.disabled():
+                out = _PairMulScatter.apply(xr, wr, a, b, start)
+        out.backward(gout)
+        return out.detach(), xr.grad, wr.grad
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pair atoms"):
+        kernels.pair_mul_scatter(x, w, a, torch.full_like(b, start))
