@@ -36,10 +36,11 @@ from torch import Tensor
 
 __all__ = ["available", "unavailable_reason", "applies", "supports", "disabled", "molecule_table", "attention_forward",
            "attention_backward", "relu_residual", "add_residual", "relu_backward", "shifted_softplus",
-           "shifted_softplus_backward", "pair_mul_scatter", "pair_mul_scatter_backward", "NativeKernelWarning"]
+           "shifted_softplus_backward", "pair_mul_scatter", "pair_mul_scatter_backward", "bias_scale_rows", "scale_rows_backward",
+           "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 5
 HEAD_DIMS = (16, 32, 64)
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native", "-mprefer-vector-width=512"]
 
@@ -111,9 +112,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.abp_shifted_softplus_backward.argtypes = [p, p, ctypes.c_float, p, p, i64, i64, i32]
     lib.abp_pair_mul_scatter.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.abp_pair_mul_scatter_backward.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.abp_bias_scale_rows.argtypes = [p, p, p, i64, i64, i32]
+    lib.abp_scale_rows_backward.argtypes = [p, p, p, p, i64, i64, i32]
     for f in (lib.abp_set_attention_forward, lib.abp_set_attention_backward, lib.abp_relu_residual,
               lib.abp_add_residual, lib.abp_relu_backward, lib.abp_shifted_softplus,
-              lib.abp_shifted_softplus_backward, lib.abp_pair_mul_scatter, lib.abp_pair_mul_scatter_backward):
+              lib.abp_shifted_softplus_backward, lib.abp_pair_mul_scatter, lib.abp_pair_mul_scatter_backward,
+              lib.abp_bias_scale_rows, lib.abp_scale_rows_backward):
         f.restype = i32
     return lib
 
@@ -368,3 +372,26 @@ def pair_mul_scatter_backward(grad: Tensor, x: Tensor, w: Tensor, a: Tensor, b: 
     _lib().abp_pair_mul_scatter_backward(_ptr(grad), _ptr(x), _ptr(w), _ptr(a), _ptr(b), _ptr(gx), _ptr(gw),
                                          pairs, nodes, f, torch.get_num_threads())
     return gx, gw
+
+
+def bias_scale_rows(y: Tensor, bias: Tensor, scale: Tensor) -> Tensor:
+    """In place ``y <- (y + bias) * scale[:, None]`` (``[N, C]``, ``C`` a multiple of 16); returns ``y``."""
+    rows, cols = y.shape
+    for name, t, shape in (("y", y, (rows, cols)), ("bias", bias, (cols,)), ("scale", scale, (rows,))):
+        _rows(name, t, shape)
+    if cols % 16:
+        raise ValueError(f"bias_scale_rows needs a multiple of 16 columns, got {cols}")
+    _lib().abp_bias_scale_rows(_ptr(y), _ptr(bias), _ptr(scale), rows, cols, torch.get_num_threads())
+    return y
+
+
+def scale_rows_backward(grad: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(grad * scale[:, None], its column sums)`` in one pass."""
+    rows, cols = grad.shape
+    _rows("grad", grad, (rows, cols))
+    _rows("scale", scale, (rows,))
+    if cols % 16:
+        raise ValueError(f"scale_rows_backward needs a multiple of 16 columns, got {cols}")
+    out, sums = torch.empty_like(grad), grad.new_empty(cols)
+    _lib().abp_scale_rows_backward(_ptr(grad), _ptr(scale), _ptr(out), _ptr(sums), rows, cols, torch.get_num_threads())
+    return out, sums

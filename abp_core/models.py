@@ -90,12 +90,42 @@ class _LinearShiftedSoftplus(torch.autograd.Function):
         return gx, gz.t().mm(x), gb, None
 
 
+class _LinearScaleRows(torch.autograd.Function):
+    """``(x W^T + b) * s[:, None]`` with the native kernels (a plain matmul, then bias and row scale in one
+    pass; the backward's row scale and bias gradient in one pass). ``s`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, scale)
+        return kernels.bias_scale_rows(torch.mm(x, weight.t()), bias, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, scale = ctx.saved_tensors
+        gz, gb = kernels.scale_rows_backward(grad.contiguous(), scale)
+        gx = torch.mm(gz, weight) if ctx.needs_input_grad[0] else None
+        return gx, gz.t().mm(x), gb, None
+
+
+def _native_ok(x: Tensor, weight: Tensor) -> bool:
+    return (x.dim() == 2 and weight.size(0) % 16 == 0 and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+            and kernels.applies(x.device, x.dtype))
+
+
+def linear_scale_rows(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor) -> Tensor:
+    """``F.linear(x, weight, bias) * scale[:, None]`` (SchNet's filters times the cosine cutoff); native
+    kernels where they apply and ``scale`` needs no gradient."""
+    if _native_ok(x, weight) and not scale.requires_grad and scale.is_contiguous():
+        return _LinearScaleRows.apply(x, weight, bias, scale)
+    return F.linear(x, weight, bias) * scale.unsqueeze(-1)
+
+
 def linear_shifted_softplus(x: Tensor, weight: Tensor, bias: Tensor, shift: float) -> Tensor:
     """``shifted_softplus(F.linear(x, weight, bias), shift)``; native kernels where they apply (CPU float32,
     no autocast, a multiple of 16 outputs)."""
-    if (x.dim() == 2 and x.is_contiguous() and weight.size(0) % 16 == 0 and x.dtype == weight.dtype
-            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
-            and kernels.applies(x.device, x.dtype)):
+    if _native_ok(x, weight) and x.is_contiguous():
         return _LinearShiftedSoftplus.apply(x, weight, bias, shift)
     return shifted_softplus(F.linear(x, weight, bias), shift)
 
@@ -169,7 +199,7 @@ class SchNetBackbone(torch.nn.Module):
         compiling = torch.compiler.is_compiling()
         # split (not slicing): its backward is one concatenation, not a zero-filled [P, T * F] per block
         for block, part in zip(self.interactions, hidden.split(f, dim=1)):
-            filters = block.mlp[2](part) * cut
+            filters = linear_scale_rows(part, block.mlp[2].weight, block.mlp[2].bias, cut.view(-1))
             x = F.linear(h, block.conv.lin1.weight)
             if compiling:  # plain ops: the compiler fuses gather, product and scatter
                 if src.numel() == 2 * filters.size(0):  # every pair in both directions

@@ -305,3 +305,25 @@ def test_pair_mul_scatter_matches_pytorch(shuffle):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="pair atoms"):
         kernels.pair_mul_scatter(x, w, a, torch.full_like(b, start))
+
+
+def test_linear_scale_rows_matches_pytorch():
+    from abp_core.models import linear_scale_rows
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 3 * 32)
+    x = hidden[:, 32:64]  # a strided view, as SchNet's per-interaction slice of the filter network
+    w, b, s = torch.randn(32, 32), torch.randn(32), torch.rand(300)
+    x1, w1, b1 = (t.clone().requires_grad_(True) for t in (x, w, b))
+    y1 = linear_scale_rows(x1, w1, b1, s)
+    assert y1.grad_fn.name().startswith("_LinearScaleRows")
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    x2, w2, b2 = (t.clone().requires_grad_(True) for t in (x, w, b))
+    y2 = torch.nn.functional.linear(x2, w2, b2) * s.unsqueeze(-1)
+    y2.backward(g)
+    assert torch.allclose(y1, y2, atol=1e-5)
+    for a, ref in ((x1.grad, x2.grad), (w1.grad, w2.grad), (b1.grad, b2.grad)):
+        assert torch.allclose(a, ref, rtol=1e-5, atol=1e-4)
+    s3 = s.clone().requires_grad_(True)  # a scale that needs a gradient: PyTorch's ops
+    assert not linear_scale_rows(x, w, b, s3).grad_fn.name().startswith("_LinearScaleRows")

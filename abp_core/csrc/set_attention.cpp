@@ -510,7 +510,7 @@ int abp_set_attention_backward(const float* qkv, const float* bias, const float*
     return launch(P, threads, true);
 }
 
-int abp_set_attention_abi_version() { return 4; }
+int abp_set_attention_abi_version() { return 5; }
 
 
 // Linear layer epilogue, in place: z <- h + relu(z + b) (or relu(z + b) if h is null), mask <- (z + b > 0),
@@ -673,6 +673,40 @@ int abp_pair_mul_scatter_backward(const float* grad, const float* x, const float
             if (gw) store16(gw + p * f + c, gac * load16(x + b[p] * f + c) + gbc * load16(x + a[p] * f + c));
         }
     });
+    return 0;
+}
+
+
+// SchNet's filters: y <- (y + b) * s[row], in place, for [rows, C] y (b: C values, s: rows values).
+int abp_bias_scale_rows(float* y, const float* b, const float* s, int64_t rows, int64_t cols, int threads) {
+    if (cols % 16) return 3;
+    parallel_rows(rows, threads, [&](int64_t first, int64_t last, int) {
+        for (int64_t r = first; r < last; ++r) {
+            const v16 sr = splat(s[r]);
+            for (int64_t c = 0; c < cols; c += 16) store16(y + r * cols + c, (load16(y + r * cols + c) + load16(b + c)) * sr);
+        }
+    });
+    return 0;
+}
+
+// Its backward: g_pre = g * s[row] and sum_pre = colsum(g_pre) (the bias gradient).
+int abp_scale_rows_backward(const float* g, const float* s, float* out, float* sum_out, int64_t rows, int64_t cols,
+                            int threads) {
+    if (cols % 16) return 3;
+    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
+    std::vector<std::vector<float>> parts(nt, std::vector<float>(cols, 0.0f));
+    parallel_rows(rows, nt, [&](int64_t first, int64_t last, int t) {
+        float* acc = parts[t].data();
+        for (int64_t r = first; r < last; ++r) {
+            const v16 sr = splat(s[r]);
+            for (int64_t c = 0; c < cols; c += 16) {
+                const v16 v = load16(g + r * cols + c) * sr;
+                store16(out + r * cols + c, v);
+                store16(acc + c, load16(acc + c) + v);
+            }
+        }
+    });
+    reduce_columns(parts, sum_out, cols);
     return 0;
 }
 
