@@ -1,4 +1,5 @@
-"""Native CPU attention kernel for ABP's self-attention blocks (``csrc/set_attention.cpp``).
+"""Native CPU kernels (``csrc/set_attention.cpp``): ABP's self-attention, and SchNet's filter network
+and pair message passing (:func:`shifted_softplus`, :func:`bias_scale_rows`, :func:`pair_mul_scatter`).
 
 Exact fp32 multi-head self-attention within each molecule of size-sorted packed atoms, forward
 and backward, for head dimensions 16, 32 and 64, and the element-wise passes around it fused
@@ -12,9 +13,10 @@ The C++ source is compiled on first use with the system C++ compiler (``$CXX``, 
 about 3 s) into a cache directory (``$ABP_KERNEL_CACHE``, else ``~/.cache/abp/kernels``), keyed
 by a hash of the source, the compiler, the flags and the CPU's feature flags, and written
 atomically (a temporary file, then a rename). A library that fails to load or reports the
-wrong ABI version is rebuilt once. Without a compiler, or with ``ABP_NATIVE_ATTENTION=0``,
-:func:`available` is ``False`` and callers use the flash-attention path (same numbers up to
-fp32 rounding); the reason is kept in :func:`unavailable_reason` and warned about once.
+wrong ABI version is rebuilt once. Without a compiler, or with ``ABP_NATIVE_ATTENTION=0`` (which
+switches off all of them), :func:`available` is ``False`` and callers use PyTorch's ops (flash
+attention for ABP; same numbers up to fp32 rounding); the reason is kept in
+:func:`unavailable_reason` and warned about once.
 """
 from __future__ import annotations
 
