@@ -39,7 +39,7 @@ from torch import Tensor
 __all__ = ["available", "unavailable_reason", "applies", "supports", "disabled", "molecule_table", "attention_forward",
            "attention_backward", "relu_residual", "add_residual", "relu_backward", "shifted_softplus",
            "shifted_softplus_backward", "pair_mul_scatter", "pair_mul_scatter_backward", "bias_scale_rows", "scale_rows_backward",
-           "NativeKernelWarning"]
+           "linear_epilogue", "native_linear", "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
 ABI_VERSION = 5
@@ -397,3 +397,39 @@ def scale_rows_backward(grad: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
     out, sums = torch.empty_like(grad), grad.new_empty(cols)
     _lib().abp_scale_rows_backward(_ptr(grad), _ptr(scale), _ptr(out), _ptr(sums), rows, cols, torch.get_num_threads())
     return out, sums
+
+
+class _LinearEpilogue(torch.autograd.Function):
+    """``epilogue(x W^T, b)`` for a native in-place epilogue (bias + activation or scaling): a plain
+    matmul, then one pass; in the backward, one pass gives the pre-activation gradient and its column
+    sums (the bias gradient). ``epilogue`` has ``forward(y, bias) -> state`` (in place on ``y``; the
+    tensors to keep) and ``backward(grad, y, state) -> (grad_pre, grad_bias)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, epilogue) -> Tensor:
+        y = torch.mm(x, weight.t())
+        state = epilogue.forward(y, bias)
+        ctx.epilogue = epilogue
+        ctx.save_for_backward(x, weight, y if epilogue.keeps_output else None, *state)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, y, *state = ctx.saved_tensors
+        gz, gb = ctx.epilogue.backward(grad.contiguous(), y, state)
+        gx = torch.mm(gz, weight) if ctx.needs_input_grad[0] else None
+        return gx, gz.t().mm(x), gb, None
+
+
+def native_linear(x: Tensor, weight: Tensor) -> bool:
+    """Do the native epilogues apply to ``x W^T`` (CPU float32, no autocast, not being compiled, a
+    multiple of 16 outputs)?"""
+    return (x.dim() == 2 and weight.size(0) % 16 == 0 and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+            and applies(x.device, x.dtype))
+
+
+def linear_epilogue(x: Tensor, weight: Tensor, bias: Tensor, epilogue) -> Tensor:
+    """``epilogue(x W^T, bias)`` with one native pass forward and one backward (see :class:`_LinearEpilogue`)."""
+    return _LinearEpilogue.apply(x, weight, bias, epilogue)

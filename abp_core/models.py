@@ -69,64 +69,50 @@ def shifted_softplus(x: Tensor, shift: float) -> Tensor:
     return F.softplus(x) - shift
 
 
-class _LinearShiftedSoftplus(torch.autograd.Function):
-    """``softplus(x W^T + b) - shift`` with the native kernels: a plain matmul, then bias + softplus +
-    shift in one pass; the backward derives ``softplus'`` from the output (``1 - exp(-(y + shift))``),
-    so no pre-activation is stored, and returns the bias gradient from the same pass."""
+class _ShiftedSoftplus:
+    """Native epilogue ``softplus(y + b) - shift``; its backward takes ``softplus'(z) = 1 - exp(-(y + shift))``
+    from the output, so no pre-activation is stored."""
+    keeps_output = True
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, shift: float) -> Tensor:
-        y = kernels.shifted_softplus(torch.mm(x, weight.t()), bias, shift)
-        ctx.shift = shift
-        ctx.save_for_backward(x, weight, y)
-        return y
+    def __init__(self, shift: float):
+        self.shift = shift
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, weight, y = ctx.saved_tensors
-        gz, gb = kernels.shifted_softplus_backward(grad.contiguous(), y, ctx.shift)
-        gx = torch.mm(gz, weight) if ctx.needs_input_grad[0] else None
-        return gx, gz.t().mm(x), gb, None
+    def forward(self, y: Tensor, bias: Tensor):
+        kernels.shifted_softplus(y, bias, self.shift)
+        return ()
+
+    def backward(self, grad: Tensor, y: Tensor, state):
+        return kernels.shifted_softplus_backward(grad, y, self.shift)
 
 
-class _LinearScaleRows(torch.autograd.Function):
-    """``(x W^T + b) * s[:, None]`` with the native kernels (a plain matmul, then bias and row scale in one
-    pass; the backward's row scale and bias gradient in one pass). ``s`` gets no gradient."""
+class _ScaleRows:
+    """Native epilogue ``(y + b) * scale[:, None]`` (``scale`` gets no gradient)."""
+    keeps_output = False
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight, scale)
-        return kernels.bias_scale_rows(torch.mm(x, weight.t()), bias, scale)
+    def __init__(self, scale: Tensor):
+        self.scale = scale
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, weight, scale = ctx.saved_tensors
-        gz, gb = kernels.scale_rows_backward(grad.contiguous(), scale)
-        gx = torch.mm(gz, weight) if ctx.needs_input_grad[0] else None
-        return gx, gz.t().mm(x), gb, None
+    def forward(self, y: Tensor, bias: Tensor):
+        kernels.bias_scale_rows(y, bias, self.scale)
+        return (self.scale,)
 
-
-def _native_ok(x: Tensor, weight: Tensor) -> bool:
-    return (x.dim() == 2 and weight.size(0) % 16 == 0 and x.dtype == weight.dtype
-            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
-            and kernels.applies(x.device, x.dtype))
+    def backward(self, grad: Tensor, y, state):
+        return kernels.scale_rows_backward(grad, state[0])
 
 
 def linear_scale_rows(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor) -> Tensor:
     """``F.linear(x, weight, bias) * scale[:, None]`` (SchNet's filters times the cosine cutoff); native
     kernels where they apply and ``scale`` needs no gradient."""
-    if _native_ok(x, weight) and not scale.requires_grad and scale.is_contiguous():
-        return _LinearScaleRows.apply(x, weight, bias, scale)
+    if kernels.native_linear(x, weight) and not scale.requires_grad and scale.is_contiguous():
+        return kernels.linear_epilogue(x, weight, bias, _ScaleRows(scale))
     return F.linear(x, weight, bias) * scale.unsqueeze(-1)
 
 
 def linear_shifted_softplus(x: Tensor, weight: Tensor, bias: Tensor, shift: float) -> Tensor:
     """``shifted_softplus(F.linear(x, weight, bias), shift)``; native kernels where they apply (CPU float32,
     no autocast, a multiple of 16 outputs)."""
-    if _native_ok(x, weight) and x.is_contiguous():
-        return _LinearShiftedSoftplus.apply(x, weight, bias, shift)
+    if kernels.native_linear(x, weight):
+        return kernels.linear_epilogue(x, weight, bias, _ShiftedSoftplus(shift))
     return shifted_softplus(F.linear(x, weight, bias), shift)
 
 

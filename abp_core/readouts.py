@@ -607,32 +607,22 @@ def _fused_sab_backward_low_precision(ctx, gy, x, w_in, b_in, w_o, w_l, out, h, 
             gw_l.to(p), gb_l.to(p))
 
 
-class _LinearReLU(torch.autograd.Function):
-    """``relu(x W^T + b)`` with the native kernels: a plain matmul, then bias + ReLU + mask in one pass;
-    the backward's ReLU mask and bias-gradient column sum are one pass too (instead of a bias copy, a
-    ReLU, a ReLU backward and a sum). Same numbers as ``F.linear(x, w, b).relu()`` (fp32 rounding)."""
+class _ReLU:
+    """Native epilogue ``relu(y + b)``, keeping the 1-byte mask for the backward."""
+    keeps_output = False
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        y = torch.mm(x, weight.t())
-        mask = kernels.relu_residual(y, bias)
-        ctx.save_for_backward(x, weight, mask)
-        return y
+    def forward(self, y: Tensor, bias: Tensor):
+        return (kernels.relu_residual(y, bias),)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, weight, mask = ctx.saved_tensors
-        gz, gb, _ = kernels.relu_backward(grad.contiguous(), mask)
-        gx = torch.mm(gz, weight) if ctx.needs_input_grad[0] else None
-        return gx, gz.t().mm(x), gb
+    def backward(self, grad: Tensor, y, state):
+        return kernels.relu_backward(grad, state[0])[:2]
 
 
 def linear_relu(lin: Linear, x: Tensor) -> Tensor:
-    """``relu(lin(x))``: :class:`_LinearReLU` where the native kernels apply (CPU, float32, no autocast)."""
-    if (x.dim() == 2 and x.is_contiguous() and lin.bias is not None and x.dtype == lin.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type) and kernels.applies(x.device, x.dtype)):
-        return _LinearReLU.apply(x, lin.weight, lin.bias)
+    """``relu(lin(x))``; native kernels where they apply (CPU float32, no autocast, a multiple of 16 outputs):
+    a matmul, then bias + ReLU in one pass, and one pass for the ReLU backward and the bias gradient."""
+    if x.is_contiguous() and lin.bias is not None and kernels.native_linear(x, lin.weight):
+        return kernels.linear_epilogue(x, lin.weight, lin.bias, _ReLU())
     return lin(x).relu_()
 
 

@@ -123,7 +123,7 @@ def test_fused_elementwise_kernels():
 
 def test_linear_relu_matches_pytorch():
     torch.manual_seed(0)
-    lin = torch.nn.Linear(24, 40)
+    lin = torch.nn.Linear(24, 48)
     x = torch.randn(300, 24)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y1 = readouts.linear_relu(lin, x1)
@@ -133,7 +133,7 @@ def test_linear_relu_matches_pytorch():
     lin.zero_grad()
     y2 = torch.relu(lin(x2))
     y2.backward(g)
-    assert y1.grad_fn.name().startswith("_LinearReLU")  # the native path ran
+    assert y1.grad_fn.name().startswith("_LinearEpilogue")  # the native path ran
     assert torch.allclose(y1, y2, atol=1e-6)
     for a, b in zip(grads1, [x2.grad] + [p.grad for p in lin.parameters()]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
@@ -141,6 +141,8 @@ def test_linear_relu_matches_pytorch():
         assert readouts.linear_relu(lin, x).grad_fn.name() != y1.grad_fn.name()
     y64 = readouts.linear_relu(lin.double(), x.double())  # float64: PyTorch's ops
     assert torch.allclose(y64.float(), y2, atol=1e-5)
+    narrow = torch.nn.Linear(24, 40)  # not a multiple of 16 outputs: PyTorch's ops
+    assert readouts.linear_relu(narrow, x1).grad_fn.name() != y1.grad_fn.name()
 
 
 def test_bad_arguments_are_refused():
@@ -256,7 +258,7 @@ def test_linear_shifted_softplus_matches_pytorch():
     shift = math.log(2.0)
     x1, w1, b1 = (t.clone().requires_grad_(True) for t in (x, w, b))
     y1 = linear_shifted_softplus(x1, w1, b1, shift)
-    assert y1.grad_fn.name().startswith("_LinearShiftedSoftplus")
+    assert y1.grad_fn.name().startswith("_LinearEpilogue")
     g = torch.randn_like(y1)
     y1.backward(g)
     x2, w2, b2 = (t.clone().requires_grad_(True) for t in (x, w, b))
@@ -267,7 +269,7 @@ def test_linear_shifted_softplus_matches_pytorch():
         assert torch.allclose(a, ref, rtol=1e-5, atol=1e-4)
     # 40 outputs (not a multiple of 16): PyTorch's ops
     y3 = linear_shifted_softplus(x, w[:40].clone().requires_grad_(True), b[:40], shift)
-    assert not y3.grad_fn.name().startswith("_LinearShiftedSoftplus")
+    assert not y3.grad_fn.name().startswith("_LinearEpilogue")
     assert torch.allclose(y3, y2[:, :40], atol=1e-6)
 
 
@@ -316,7 +318,7 @@ def test_linear_scale_rows_matches_pytorch():
     w, b, s = torch.randn(32, 32), torch.randn(32), torch.rand(300)
     x1, w1, b1 = (t.clone().requires_grad_(True) for t in (x, w, b))
     y1 = linear_scale_rows(x1, w1, b1, s)
-    assert y1.grad_fn.name().startswith("_LinearScaleRows")
+    assert y1.grad_fn.name().startswith("_LinearEpilogue")
     g = torch.randn_like(y1)
     y1.backward(g)
     x2, w2, b2 = (t.clone().requires_grad_(True) for t in (x, w, b))
@@ -326,4 +328,4 @@ def test_linear_scale_rows_matches_pytorch():
     for a, ref in ((x1.grad, x2.grad), (w1.grad, w2.grad), (b1.grad, b2.grad)):
         assert torch.allclose(a, ref, rtol=1e-5, atol=1e-4)
     s3 = s.clone().requires_grad_(True)  # a scale that needs a gradient: PyTorch's ops
-    assert not linear_scale_rows(x, w, b, s3).grad_fn.name().startswith("_LinearScaleRows")
+    assert not linear_scale_rows(x, w, b, s3).grad_fn.name().startswith("_LinearEpilogue")
