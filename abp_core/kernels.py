@@ -48,7 +48,7 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native", "
 
 
 class NativeKernelWarning(RuntimeWarning):
-    """The native attention kernel could not be built or loaded (the flash path is used instead)."""
+    """The native kernels could not be built or loaded (PyTorch's ops are used instead)."""
 
 
 _lock = threading.Lock()
@@ -159,7 +159,7 @@ def available() -> bool:
             _init()
             reason = _state["reason"]
             if _state["lib"] is None and reason and not reason.startswith("disabled"):
-                warnings.warn(reason + "; using PyTorch's flash-attention kernels", NativeKernelWarning, stacklevel=3)
+                warnings.warn(reason + "; using PyTorch's ops instead", NativeKernelWarning, stacklevel=3)
     return _state["lib"] is not None
 
 
@@ -228,9 +228,19 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _rows(name: str, t: Tensor, shape, dtype=torch.float32) -> None:
+    if t.shape != shape or not t.is_contiguous() or t.dtype != dtype:
+        raise ValueError(f"{name} must be a contiguous {dtype} {list(shape)} tensor, got {list(t.shape)} {t.dtype}")
+
+
+def _width16(what: str, cols: int) -> None:
+    if cols % 16:  # the kernels work in 16-wide vectors
+        raise ValueError(f"{what} needs a multiple of 16 columns, got {cols}")
+
+
 def _check_bias(bias: Optional[Tensor], c: int) -> None:
-    if bias is not None and (bias.shape != (3 * c,) or not bias.is_contiguous() or bias.dtype != torch.float32):
-        raise ValueError(f"bias must be a contiguous float32 [{3 * c}] tensor, got {list(bias.shape)}")
+    if bias is not None:
+        _rows("bias", bias, (3 * c,))
 
 
 def attention_forward(qkv: Tensor, table: Tuple[Tensor, Tensor], heads: int, out: Optional[Tensor] = None,
@@ -249,7 +259,7 @@ def attention_forward(qkv: Tensor, table: Tuple[Tensor, Tensor], heads: int, out
         raise ValueError(f"out must be a contiguous float32 [{n_rows}, {c}] tensor")
     lse = qkv.new_empty(n_rows, heads)
     code = _lib().abp_set_attention_forward(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(lse), _ptr(starts),
-                                                   _ptr(sizes), starts.numel(), c, heads, torch.get_num_threads())
+                                            _ptr(sizes), starts.numel(), c, heads, torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"native attention forward failed (code {code}; channels {c}, heads {heads})")
     return out, lse
@@ -265,21 +275,15 @@ def attention_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, 
     _check_bias(bias, c)
     for name, t, shape in (("grad_out", grad_out, (n_rows, c)), ("out", out, (n_rows, c)),
                            ("lse", lse, (n_rows, heads)), ("grad", grad, (n_rows, 3 * c)), ("qkv", qkv, (n_rows, 3 * c))):
-        if t.shape != shape or not t.is_contiguous() or t.dtype != torch.float32:
-            raise ValueError(f"{name} must be a contiguous float32 {list(shape)} tensor, got {list(t.shape)}")
+        _rows(name, t, shape)
     starts, sizes = _check(table, n_rows)
     sums = qkv.new_empty(3 * c) if column_sums else None
     code = _lib().abp_set_attention_backward(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(lse), _ptr(grad_out),
-                                                    _ptr(grad), _ptr(sums), _ptr(starts), _ptr(sizes), starts.numel(),
-                                                    c, heads, torch.get_num_threads())
+                                             _ptr(grad), _ptr(sums), _ptr(starts), _ptr(sizes), starts.numel(),
+                                             c, heads, torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"native attention backward failed (code {code}; channels {c}, heads {heads})")
     return grad, sums
-
-
-def _rows(name: str, t: Tensor, shape, dtype=torch.float32) -> None:
-    if t.shape != shape or not t.is_contiguous() or t.dtype != dtype:
-        raise ValueError(f"{name} must be a contiguous {dtype} {list(shape)} tensor, got {list(t.shape)} {t.dtype}")
 
 
 def relu_residual(z: Tensor, bias: Tensor, h: Optional[Tensor] = None) -> Tensor:
@@ -310,7 +314,7 @@ def relu_backward(grad: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     _rows("mask", mask, (rows, cols), torch.bool)
     out, sum_out, sum_grad = torch.empty_like(grad), grad.new_empty(cols), grad.new_empty(cols)
     _lib().abp_relu_backward(_ptr(grad), _ptr(mask), _ptr(out), _ptr(sum_out), _ptr(sum_grad), rows, cols,
-                                    torch.get_num_threads())
+                             torch.get_num_threads())
     return out, sum_out, sum_grad
 
 
@@ -320,8 +324,7 @@ def shifted_softplus(y: Tensor, bias: Tensor, shift: float) -> Tensor:
     rows, cols = y.shape
     _rows("y", y, (rows, cols))
     _rows("bias", bias, (cols,))
-    if cols % 16:
-        raise ValueError(f"shifted_softplus needs a multiple of 16 columns, got {cols}")
+    _width16("shifted_softplus", cols)
     _lib().abp_shifted_softplus(_ptr(y), _ptr(bias), shift, rows, cols, torch.get_num_threads())
     return y
 
@@ -332,8 +335,7 @@ def shifted_softplus_backward(grad: Tensor, y: Tensor, shift: float) -> Tuple[Te
     rows, cols = y.shape
     _rows("grad", grad, (rows, cols))
     _rows("y", y, (rows, cols))
-    if cols % 16:
-        raise ValueError(f"shifted_softplus_backward needs a multiple of 16 columns, got {cols}")
+    _width16("shifted_softplus_backward", cols)
     out, sums = torch.empty_like(grad), grad.new_empty(cols)
     _lib().abp_shifted_softplus_backward(_ptr(grad), _ptr(y), shift, _ptr(out), _ptr(sums), rows, cols,
                                          torch.get_num_threads())
@@ -347,8 +349,7 @@ def _pairs(x: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tuple[int, int, int]:
     _rows("w", w, (pairs, f))
     for name, t in (("a", a), ("b", b)):
         _rows(name, t, (pairs,), torch.int64)
-    if f % 16:
-        raise ValueError(f"pair_mul_scatter needs a multiple of 16 features, got {f}")
+    _width16("pair_mul_scatter", f)
     if pairs and (int(torch.minimum(a, b).min()) < 0 or int(torch.maximum(a, b).max()) >= nodes):
         raise ValueError(f"pair atoms must lie in [0, {nodes})")
     return nodes, f, pairs
@@ -381,8 +382,7 @@ def bias_scale_rows(y: Tensor, bias: Tensor, scale: Tensor) -> Tensor:
     rows, cols = y.shape
     for name, t, shape in (("y", y, (rows, cols)), ("bias", bias, (cols,)), ("scale", scale, (rows,))):
         _rows(name, t, shape)
-    if cols % 16:
-        raise ValueError(f"bias_scale_rows needs a multiple of 16 columns, got {cols}")
+    _width16("bias_scale_rows", cols)
     _lib().abp_bias_scale_rows(_ptr(y), _ptr(bias), _ptr(scale), rows, cols, torch.get_num_threads())
     return y
 
@@ -392,8 +392,7 @@ def scale_rows_backward(grad: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
     rows, cols = grad.shape
     _rows("grad", grad, (rows, cols))
     _rows("scale", scale, (rows,))
-    if cols % 16:
-        raise ValueError(f"scale_rows_backward needs a multiple of 16 columns, got {cols}")
+    _width16("scale_rows_backward", cols)
     out, sums = torch.empty_like(grad), grad.new_empty(cols)
     _lib().abp_scale_rows_backward(_ptr(grad), _ptr(scale), _ptr(out), _ptr(sums), rows, cols, torch.get_num_threads())
     return out, sums

@@ -469,22 +469,37 @@ inline v16 log1p16(v16 t) {
     return splat(2.0f) * s * p;
 }
 
-// Rows [0, rows) split into `threads` contiguous ranges, run(first, last, thread) on each.
+// Threads for an element-wise pass over `rows` rows: at most one per 256 rows.
+inline int row_threads(int64_t rows, int threads) {
+    return (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
+}
+
+// Rows [0, rows) split into row_threads(rows, threads) contiguous ranges, run(first, last, thread) on each.
 template <typename F>
 void parallel_rows(int64_t rows, int threads, F run) {
-    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
+    threads = row_threads(rows, threads);
     const int64_t per = (rows + threads - 1) / threads;
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int t = 0; t < threads; ++t) run(std::min(rows, t * per), std::min(rows, (t + 1) * per), t);
 }
 
-// Column sums of per-thread partial sums into out (cols values).
-inline void reduce_columns(const std::vector<std::vector<float>>& parts, float* out, int64_t cols) {
-    for (int64_t c = 0; c < cols; ++c) {
-        float acc = 0.0f;
-        for (const auto& p : parts) acc += p[c];
-        out[c] = acc;
-    }
+// parallel_rows with K column sums: run(first, last, acc) adds into acc[k] (cols zeroed floats per
+// thread), and the threads' partial sums end up in sums[k] (cols values each).
+template <int K, typename F>
+void parallel_rows_summed(int64_t rows, int64_t cols, int threads, float* const (&sums)[K], F run) {
+    const int nt = row_threads(rows, threads);
+    std::vector<float> parts((size_t)nt * K * cols, 0.0f);
+    parallel_rows(rows, nt, [&](int64_t first, int64_t last, int t) {
+        float* acc[K];
+        for (int k = 0; k < K; ++k) acc[k] = parts.data() + ((int64_t)t * K + k) * cols;
+        run(first, last, acc);
+    });
+    for (int k = 0; k < K; ++k)
+        for (int64_t c = 0; c < cols; ++c) {
+            float total = 0.0f;
+            for (int t = 0; t < nt; ++t) total += parts[((int64_t)t * K + k) * cols + c];
+            sums[k][c] = total;
+        }
 }
 
 }  // namespace
@@ -541,10 +556,9 @@ int abp_add_residual(float* h, const float* x, const float* b, int64_t rows, int
 // ReLU backward with column sums: gz = gy * mask, sum_gz = colsum(gz), sum_gy = colsum(gy).
 int abp_relu_backward(const float* gy, const uint8_t* mask, float* gz, float* sum_gz, float* sum_gy, int64_t rows,
                       int64_t cols, int threads) {
-    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
-    std::vector<std::vector<float>> pz(nt, std::vector<float>(cols, 0.0f)), py(nt, std::vector<float>(cols, 0.0f));
-    parallel_rows(rows, nt, [&](int64_t first, int64_t last, int t) {
-        float *az = pz[t].data(), *ay = py[t].data();
+    float* const sums[2] = {sum_gz, sum_gy};
+    parallel_rows_summed<2>(rows, cols, threads, sums, [&](int64_t first, int64_t last, float* const* acc) {
+        float *az = acc[0], *ay = acc[1];
         for (int64_t r = first; r < last; ++r)
             for (int64_t c = 0; c < cols; ++c) {
                 const float g = gy[r * cols + c];
@@ -554,8 +568,6 @@ int abp_relu_backward(const float* gy, const uint8_t* mask, float* gz, float* su
                 ay[c] += g;
             }
     });
-    reduce_columns(pz, sum_gz, cols);
-    reduce_columns(py, sum_gy, cols);
     return 0;
 }
 
@@ -583,10 +595,9 @@ int abp_shifted_softplus(float* y, const float* b, float shift, int64_t rows, in
 int abp_shifted_softplus_backward(const float* gy, const float* y, float shift, float* gz, float* sum_gz,
                                   int64_t rows, int64_t cols, int threads) {
     if (cols % 16) return 3;
-    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
-    std::vector<std::vector<float>> parts(nt, std::vector<float>(cols, 0.0f));
-    parallel_rows(rows, nt, [&](int64_t first, int64_t last, int t) {
-        float* acc = parts[t].data();
+    float* const sums[1] = {sum_gz};
+    parallel_rows_summed<1>(rows, cols, threads, sums, [&](int64_t first, int64_t last, float* const* sum) {
+        float* acc = sum[0];
         for (int64_t r = first; r < last; ++r)
             for (int64_t c = 0; c < cols; c += 16) {
                 const v16 sp = load16(y + r * cols + c) + splat(shift);
@@ -596,7 +607,6 @@ int abp_shifted_softplus_backward(const float* gy, const float* y, float shift, 
                 store16(acc + c, load16(acc + c) + g);
             }
     });
-    reduce_columns(parts, sum_gz, cols);
     return 0;
 }
 
@@ -693,10 +703,9 @@ int abp_bias_scale_rows(float* y, const float* b, const float* s, int64_t rows, 
 int abp_scale_rows_backward(const float* g, const float* s, float* out, float* sum_out, int64_t rows, int64_t cols,
                             int threads) {
     if (cols % 16) return 3;
-    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 256 + 1));
-    std::vector<std::vector<float>> parts(nt, std::vector<float>(cols, 0.0f));
-    parallel_rows(rows, nt, [&](int64_t first, int64_t last, int t) {
-        float* acc = parts[t].data();
+    float* const sums[1] = {sum_out};
+    parallel_rows_summed<1>(rows, cols, threads, sums, [&](int64_t first, int64_t last, float* const* sum) {
+        float* acc = sum[0];
         for (int64_t r = first; r < last; ++r) {
             const v16 sr = splat(s[r]);
             for (int64_t c = 0; c < cols; c += 16) {
@@ -706,7 +715,6 @@ int abp_scale_rows_backward(const float* g, const float* s, float* out, float* s
             }
         }
     });
-    reduce_columns(parts, sum_out, cols);
     return 0;
 }
 
