@@ -30,11 +30,12 @@ import inspect
 import json
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from .coercion import Rules, coerce
 
 __all__ = [
     "ConfigError",
@@ -200,95 +201,13 @@ _NOT_IN_FINGERPRINT = {
 # ------------------------------------------------------------------------------------------------
 # Type checking / coercion
 # ------------------------------------------------------------------------------------------------
-def _type_name(hint) -> str:
-    origin = typing.get_origin(hint)
-    if hint is float:
-        return "a float"
-    if hint is int:
-        return "an integer"
-    if hint is bool:
-        return "a boolean (true/false)"
-    if hint is str:
-        return "a string"
-    if origin in (list, List, tuple, Sequence):
-        return "a list"
-    if origin in (dict, Dict):
-        return "a mapping"
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        names = " or ".join(_type_name(a) for a in args)
-        return names + (" or null" if type(None) in typing.get_args(hint) else "")
-    return getattr(hint, "__name__", str(hint))
+#: Config values come from YAML/JSON, already typed: only lossless conversions (see :mod:`abp_core.coercion`).
+_RULES = Rules(ConfigError)
 
 
 def _coerce(value: Any, hint, name: str) -> Any:
     """``value`` converted to ``hint`` (strictly), or :class:`ConfigError` naming ``name``."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{name} must be {_type_name(hint)}, got None")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, name)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{name} must be {_type_name(hint)}, got {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be a boolean (true/false), got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if hasattr(value, "__index__") and not isinstance(value, str):  # numpy integers
-            return int(value.__index__())
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a float, got {value!r}")
-        if isinstance(value, (int, float)) or (hasattr(value, "__float__") and not isinstance(value, str)):
-            out = float(value)
-        elif isinstance(value, str):
-            try:
-                out = float(value.strip())
-            except ValueError:
-                raise ConfigError(f"{name} must be a float, got {value!r}") from None
-        else:
-            raise ConfigError(f"{name} must be a float, got {value!r}")
-        if math.isnan(out):
-            raise ConfigError(f"{name} must be a float, got NaN")
-        return out
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    if origin in (list, List):
-        (item,) = typing.get_args(hint) or (Any,)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a mapping, got {value!r}")
-        bad = [k for k in value if not isinstance(k, str)]
-        if bad:
-            raise ConfigError(f"{name} keys must be strings, got {bad[0]!r}")
-        return copy.deepcopy(dict(value))
-    raise TypeError(f"unsupported type hint {hint!r} for {name}")  # pragma: no cover
+    return coerce(value, hint, name, _RULES)
 
 
 def _suggest(key: str, options) -> str:

@@ -629,7 +629,7 @@ class AtomisticDataModule(L.LightningDataModule):
                 if hasattr(ds, "paper_split"):
                     parts = ds.paper_split(d.split_seed)
                 else:
-                    from .data.splits import paper_split
+                    from .data import paper_split
 
                     parts = paper_split(d.dataset, d.split_seed, root=d.root, n=n)
             except (ValueError, KeyError) as exc:

@@ -22,13 +22,14 @@ from .common import (BOHR_TO_ANGSTROM, HARTREE_TO_EV, SUPPORTED_Z, ChecksumError
                      DataNotFoundError, DatasetError, MissingTargetError, MolData, MolecularDataset,
                      SelectTargets, TooFewAtomsError, UnitError, UnknownElementError, data_root, download,
                      sha256sum, verify_sha256)
+from . import md17, oe62, qm7b, qm8, qm9, qmugs
 from .md17 import MD17
 from .oe62 import OE62
 from .qm7b import QM7b
 from .qm8 import QM8
 from .qm9 import QM9
 from .qmugs import QMugs
-from .splits import PAPER_SEEDS, Standardizer, paper_random_split, paper_split, random_split
+from .splits import Standardizer, random_split
 
 DATASETS: dict[str, type[MolecularDataset]] = {
     "qm9": QM9,
@@ -53,10 +54,39 @@ def get_dataset(name: str, root: Any = None, **kwargs: Any) -> MolecularDataset:
     return DATASETS[key](root, **kwargs)
 
 
+#: The seeds (or split numbers) of the paper's splits, per dataset (each dataset module's ``PAPER_SEEDS``).
+PAPER_SEEDS: dict[str, tuple[int, ...]] = {
+    "qm7b": qm7b.PAPER_SEEDS, "qm9": qm9.PAPER_SEEDS, "qm8": qm8.PAPER_SEEDS, "qmugs": qmugs.PAPER_SEEDS,
+    "md17": md17.PAPER_SEEDS, "oe62": oe62.PAPER_SEEDS,
+}
+
+
+def paper_split(dataset: str, seed: int, *, root: Any = None, n: int | None = None, n_train: int | None = None,
+                n_test: int | None = None):
+    """The paper's split ``seed`` of ``dataset`` without loading it: each dataset module's ``paper_split``.
+
+    QM7b and OE62 read their released split files under ``root``; MD17 needs ``n_train`` and ``n_test``
+    (the official files' sizes); QM9, QM8 and QMugs need ``n``, the number of molecules. A loaded dataset
+    has the same as a method: ``ds.paper_split(seed)``.
+    """
+    key = str(dataset).strip().lower()
+    if key in ("qm7b", "oe62"):
+        return (qm7b if key == "qm7b" else oe62).paper_split(seed, root)
+    if key == "md17":
+        if n_train is None or n_test is None:
+            raise ValueError("md17 needs n_train and n_test (or use MD17(...).paper_split())")
+        return md17.paper_split(n_train, n_test, seed)
+    if key in ("qm9", "qm8", "qmugs"):
+        if n is None:
+            raise ValueError(f"{key} needs n, the number of molecules")
+        return {"qm9": qm9, "qm8": qm8, "qmugs": qmugs}[key].paper_split(seed, n)
+    raise ValueError(f"unknown dataset {dataset!r}; available: {sorted(DATASETS)}")
+
+
 __all__ = [
     "DATASETS", "get_dataset", "MolecularDataset", "MolData", "SelectTargets",
     "QM9", "QM7b", "QM8", "MD17", "OE62", "QMugs",
-    "random_split", "paper_split", "paper_random_split", "PAPER_SEEDS", "Standardizer",
+    "random_split", "paper_split", "PAPER_SEEDS", "Standardizer",
     "data_root", "download", "sha256sum", "verify_sha256",
     "DatasetError", "ChecksumError", "DataFormatError", "DataNotFoundError", "MissingTargetError",
     "TooFewAtomsError", "UnitError", "UnknownElementError",

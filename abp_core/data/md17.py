@@ -33,6 +33,7 @@ import torch
 
 from .common import (DataFormatError, DataNotFoundError, MolecularDataset, RemoteFile, StorageBuilder,
                      ensure_file, validate_molecule)
+from .splits import torch_random_split
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ LEVEL_OF_THEORY = {"aspirin": "CCSD", "benzene": "CCSD(T)", "malonaldehyde": "CC
 #: sha256 of the official zips: not published by sGDML -> None (size/format are verified instead).
 SHA256: dict[str, str | None] = {stem: None for stem in MOLECULES.values()}
 PAPER_SEED = 42
+#: The paper's MD17 split seeds (one: the halving of the official test file).
+PAPER_SEEDS: tuple[int, ...] = (PAPER_SEED,)
 TARGET_NAMES = ["energy"]
 TARGET_UNITS = ["kcal/mol"]
 
@@ -180,7 +183,5 @@ def paper_split(n_train: int, n_test: int, seed: int = PAPER_SEED) -> tuple[np.n
     Equals ``torch.utils.data.random_split(test, [n_test // 2, n_test - n_test // 2],
     generator=torch.Generator().manual_seed(seed))`` on the test file (which draws one ``randperm``).
     """
-    from .splits import torch_random_split
-
     val, test = torch_random_split(n_test, [n_test // 2, n_test - n_test // 2], seed)
     return np.arange(n_train, dtype=np.int64), val + n_train, test + n_train

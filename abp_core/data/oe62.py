@@ -76,6 +76,8 @@ SPLIT_SHA256 = {
     4: "923b47fd16e3bc24a2db7a094ab175a602ed723cedcf0eb0ef9ac067d33718c8",
 }
 SPLIT_SIZES = (32_000, 19_480, 10_000)
+#: The paper's OE62 splits (the released index files 0..4).
+PAPER_SEEDS: tuple[int, ...] = tuple(SPLIT_SHA256)
 
 
 def split_file(i: int) -> RemoteFile:

@@ -37,6 +37,8 @@ COMMIT = "c70d0c4a5c16bd9f747b16f00bef8880671bb824"
 URL_PATTERN = ("https://raw.githubusercontent.com/davidbuterez/attention-based-pooling-for-quantum-properties/"
                f"{COMMIT}/data/QM7/QM7b_train_val_test_splits/{{seed}}/{{part}}.npy")
 SEEDS = (23887, 386333, 514094, 572909, 598587)
+#: The paper's QM7b split seeds (the released split files), as every dataset module names them.
+PAPER_SEEDS = SEEDS
 PARTS = ("train", "validate", "test")
 SPLIT_SIZES = (5768, 721, 722)
 NUM_MOLECULES = 7211

@@ -34,6 +34,7 @@ import pandas as pd
 
 from .common import (DataFormatError, DataNotFoundError, MolecularDataset, RemoteFile, SkipLog,
                      StorageBuilder, check_atomic_numbers, ensure_file, validate_molecule)
+from .splits import check_paper_lengths, paper_torch_split
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,10 @@ class QM8(MolecularDataset):
     name = "qm8"
     PROCESS_VERSION = 1
 
+    def paper_split(self, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train, val, test) row indices of the paper's split ``seed`` of this dataset (:func:`paper_split`)."""
+        return paper_split(seed, len(self))
+
     def _raw_paths_for_fingerprint(self) -> list[Path]:
         paths = [self.raw_folder / rf.relpath for rf in RAW_FILES.values()]
         return [p for p in paths if p.exists()]
@@ -160,3 +165,21 @@ class QM8(MolecularDataset):
         meta = {"target_names": TARGET_NAMES, "target_units": TARGET_UNITS, "target_aliases": TARGET_ALIASES,
                 "source": "MoleculeNet gdb8.tar.gz", "skipped": skips.as_dict()}
         return data, slices, meta
+
+
+#: The split seeds of the paper's QM8 runs (its code: ``torch.utils.data.random_split`` with
+#: ``torch.Generator().manual_seed(seed)``; no split files were published).
+PAPER_SEEDS: tuple[int, ...] = (291305, 259598, 999783, 490681, 159938)
+
+
+def paper_lengths(n: int) -> list[int]:
+    """The split lengths the paper's code passes to ``random_split`` for QM8 of ``n`` molecules
+    (17,428 / 2,179 / 2,179 for all 21,786 molecules);
+    ValueError if they do not add up to ``n`` (the paper's code would fail too)."""
+    return check_paper_lengths("qm8", [int(n * 0.8), int(n * 0.1) + 1, int(n * 0.1) + 1], n)
+
+
+def paper_split(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) indices of the paper's QM8 split ``seed`` of ``range(n)``,
+    exactly as its code draws them."""
+    return paper_torch_split("qm8", PAPER_SEEDS, paper_lengths(n), seed)

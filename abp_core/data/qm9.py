@@ -4,7 +4,7 @@
 by QM9's first author: B3LYP/6-31G(2df,p) geometries in Å, Mulliken charges, and every scalar property.
 The 3,054 molecules that failed QM9's consistency check are already left out; rows are ordered by the
 QM9 index (1..133,885), i.e. the same order as PyG's ``QM9`` dataset, so the paper's QM9 splits
-(:func:`abp_core.data.splits.paper_random_split`) apply to this dataset unchanged.
+(:func:`paper_split`) apply to this dataset unchanged.
 
 ``import qm9pack`` fails on modern setuptools (it imports ``pkg_resources``), so the CSVs are located
 with :func:`importlib.util.find_spec` without importing the package.
@@ -52,6 +52,7 @@ import torch
 
 from .common import (HARTREE_TO_EV, DataFormatError, DataNotFoundError, MolecularDataset,
                      StorageBuilder, symbols_to_z, validate_molecule)
+from .splits import check_paper_lengths, paper_torch_split
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,10 @@ class QM9(MolecularDataset):
         self.max_molecules = None if max_molecules is None or max_molecules >= NUM_MOLECULES else int(max_molecules)
         super().__init__(root, transform, **kwargs)
 
+    def paper_split(self, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train, val, test) row indices of the paper's split ``seed`` of this dataset (:func:`paper_split`)."""
+        return paper_split(seed, len(self))
+
     def _cache_params(self) -> dict[str, Any]:
         return {"max_molecules": self.max_molecules}
 
@@ -205,3 +210,21 @@ class QM9(MolecularDataset):
                 "source": "qm9pack 1.0.3", "skipped": {}}
         logger.info("qm9: processed %d molecules", n_mol)
         return data, slices, meta
+
+
+#: The split seeds of the paper's QM9 runs (its code: ``torch.utils.data.random_split`` with
+#: ``torch.Generator().manual_seed(seed)``; no split files were published).
+PAPER_SEEDS: tuple[int, ...] = (844249, 787755, 420455, 700990, 791796)
+
+
+def paper_lengths(n: int) -> list[int]:
+    """The split lengths the paper's code passes to ``random_split`` for QM9 of ``n`` molecules
+    (104,664 / 13,083 / 13,084 for all 130,831 molecules);
+    ValueError if they do not add up to ``n`` (the paper's code would fail too)."""
+    return check_paper_lengths("qm9", [int(n * 0.8), int(n * 0.1), int(n * 0.1) + 1], n)
+
+
+def paper_split(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) indices of the paper's QM9 split ``seed`` of ``range(n)``,
+    exactly as its code draws them."""
+    return paper_torch_split("qm9", PAPER_SEEDS, paper_lengths(n), seed)

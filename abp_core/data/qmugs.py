@@ -36,6 +36,7 @@ import pandas as pd
 from .common import (DataFormatError, DataNotFoundError, MissingTargetError, MolecularDataset, RemoteFile,
                      SkipLog, StorageBuilder, TooFewAtomsError, check_atomic_numbers, ensure_file,
                      to_float_or_nan, validate_molecule)
+from .splits import check_paper_lengths, paper_torch_split
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,10 @@ class QMugs(MolecularDataset):
             raise ValueError(f"max_molecules must be >= 1, got {max_molecules}")
         self.max_molecules = max_molecules
         super().__init__(root, transform, **kwargs)
+
+    def paper_split(self, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train, val, test) row indices of the paper's split ``seed`` of this dataset (:func:`paper_split`)."""
+        return paper_split(seed, len(self))
 
     def _cache_params(self) -> dict[str, Any]:
         return {"max_molecules": self.max_molecules}
@@ -198,3 +203,21 @@ class QMugs(MolecularDataset):
         meta = {"target_names": TARGET_NAMES, "target_units": TARGET_UNITS, "target_aliases": TARGET_ALIASES,
                 "source": "QMugs summary.csv + structures", "skipped": skips.as_dict(), "num_rows": len(df)}
         return data, slices, meta
+
+
+#: The split seeds of the paper's QMugs runs (its code: ``torch.utils.data.random_split`` with
+#: ``torch.Generator().manual_seed(seed)``; no split files were published).
+PAPER_SEEDS: tuple[int, ...] = (242566, 710365, 828444, 170963, 744683)
+
+
+def paper_lengths(n: int) -> list[int]:
+    """The split lengths the paper's code passes to ``random_split`` for QMugs of ``n`` molecules
+    (80 % / 10 % / 10 % + 1);
+    ValueError if they do not add up to ``n`` (the paper's code would fail too)."""
+    return check_paper_lengths("qmugs", [int(n * 0.8), int(n * 0.1), int(n * 0.1) + 1], n)
+
+
+def paper_split(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) indices of the paper's QMugs split ``seed`` of ``range(n)``,
+    exactly as its code draws them."""
+    return paper_torch_split("qmugs", PAPER_SEEDS, paper_lengths(n), seed)

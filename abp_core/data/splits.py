@@ -5,16 +5,12 @@
   given seed is the same on every platform and NumPy version (the bit generator is versioned, and
   ``Generator.permutation`` has been stable since NumPy 1.17), so the same seed gives the same split on
   every machine and every run. Sizes: ``floor(0.8 n)``, ``floor(0.1 n)``, and the rest for test.
-* The paper's own splits, where they were published:
-
-  - QM7b: the released files (:func:`abp_core.data.qm7b.paper_split`, seeds 23887, 386333, 514094,
-    572909, 598587);
-  - OE62: the released index files (:func:`abp_core.data.oe62.paper_split`, 0..4);
-  - MD17: official train file; official test file halved with seed 42 (:func:`abp_core.data.md17.paper_split`);
-  - QM9, QM8, QMugs: no files, but the paper's code and seeds are public: ``torch.utils.data.random_split``
-    with ``torch.Generator().manual_seed(seed)`` and the lengths below. :func:`paper_random_split`
-    reproduces it (for QM9 the row order here equals PyG's, so the indices are the paper's).
-
+* The paper's own splits belong to the datasets (``paper_split`` in each dataset module, and the
+  datasets' ``paper_split(seed)`` methods; :func:`abp_core.data.paper_split` looks one up by name):
+  QM7b and OE62 from their released files, MD17 from the official train/test files; QM9, QM8 and
+  QMugs have no files, but the paper's code and seeds are public: ``torch.utils.data.random_split``
+  with ``torch.Generator().manual_seed(seed)`` and each dataset's lengths, which
+  :func:`paper_torch_split` reproduces (with :func:`torch_random_split`).
 * :class:`Standardizer` -- per-target mean/std fitted on the training rows only.
 """
 from __future__ import annotations
@@ -24,16 +20,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
-#: Seeds (or split numbers) the paper published, per dataset.
-PAPER_SEEDS: dict[str, tuple[int, ...]] = {
-    "qm7b": (23887, 386333, 514094, 572909, 598587),
-    "qm9": (844249, 787755, 420455, 700990, 791796),
-    "qm8": (291305, 259598, 999783, 490681, 159938),
-    "qmugs": (242566, 710365, 828444, 170963, 744683),
-    "md17": (42,),
-    "oe62": (0, 1, 2, 3, 4),
-}
 
 
 def random_split(n: int, seed: int, frac: Sequence[float] = (0.8, 0.1, 0.1)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,52 +51,26 @@ def torch_random_split(n: int, lengths: Sequence[int], seed: int) -> list[np.nda
     return out
 
 
-def paper_lengths(dataset: str, n: int) -> list[int]:
-    """The split lengths the paper's code passes to ``random_split`` for QM9, QM8 and QMugs."""
-    dataset = dataset.lower()
-    if dataset in ("qm9", "qmugs"):
-        lengths = [int(n * 0.8), int(n * 0.1), int(n * 0.1) + 1]
-    elif dataset == "qm8":
-        lengths = [int(n * 0.8), int(n * 0.1) + 1, int(n * 0.1) + 1]
-    else:
-        raise ValueError(f"no seeded random split in the paper's code for {dataset!r} (use its paper_split)")
+def check_paper_lengths(dataset: str, lengths: Sequence[int], n: int) -> list[int]:
+    """``lengths`` (the split sizes a dataset's paper code asks for) if they add up to ``n``, else ValueError."""
+    lengths = [int(x) for x in lengths]
     if sum(lengths) != n:
         raise ValueError(f"the paper's {dataset} lengths {lengths} do not add up to n={n}; "
                          f"its code would fail on this dataset size")
     return lengths
 
 
-def paper_random_split(dataset: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The paper's seeded torch split for QM9/QM8/QMugs (see :data:`PAPER_SEEDS`)."""
-    if seed not in PAPER_SEEDS.get(dataset.lower(), ()):
-        raise ValueError(f"{seed} is not one of the paper's {dataset} seeds {PAPER_SEEDS.get(dataset.lower())}")
-    a, b, c = torch_random_split(n, paper_lengths(dataset, n), seed)
+def paper_torch_split(dataset: str, seeds: Sequence[int], lengths: Sequence[int],
+                      seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The paper code's seeded torch split: :func:`torch_random_split` with ``lengths``, if ``seed`` is published.
+
+    ``seeds`` are the dataset's published seeds; any other seed raises ``ValueError`` (a run would not be
+    on the paper's split).
+    """
+    if seed not in tuple(seeds):
+        raise ValueError(f"{seed} is not one of the paper's {dataset} seeds {tuple(seeds)}")
+    a, b, c = torch_random_split(sum(lengths), lengths, seed)
     return a, b, c
-
-
-def paper_split(dataset: str, seed: int, *, root=None, n: int | None = None, n_train: int | None = None,
-                n_test: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dispatch to the paper's split for ``dataset`` ('qm7b', 'oe62', 'md17', 'qm9', 'qm8', 'qmugs')."""
-    key = dataset.lower()
-    if key == "qm7b":
-        from .qm7b import paper_split as qm7b_split
-
-        return qm7b_split(seed, root)
-    if key == "oe62":
-        from .oe62 import paper_split as oe62_split
-
-        return oe62_split(seed, root)
-    if key == "md17":
-        from .md17 import paper_split as md17_split
-
-        if n_train is None or n_test is None:
-            raise ValueError("md17 needs n_train and n_test (or use MD17(...).paper_split())")
-        return md17_split(n_train, n_test, seed)
-    if key in ("qm9", "qm8", "qmugs"):
-        if n is None:
-            raise ValueError(f"{key} needs n, the number of molecules")
-        return paper_random_split(key, n, seed)
-    raise ValueError(f"unknown dataset {dataset!r}")
 
 
 def check_disjoint(*splits: np.ndarray, n: int | None = None) -> None:

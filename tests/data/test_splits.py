@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from abp_core.data import get_dataset
-from abp_core.data.splits import (PAPER_SEEDS, Standardizer, check_disjoint, paper_lengths, paper_random_split,
-                                  paper_split, random_split, torch_random_split)
+from abp_core.data import PAPER_SEEDS, get_dataset, paper_split, qm8, qm9
+from abp_core.data.splits import Standardizer, check_disjoint, random_split, torch_random_split
 
 
 def test_same_seed_same_split_twice():
@@ -58,17 +57,17 @@ def test_torch_random_split_equals_torch():
 
 
 def test_paper_random_split_qm9_lengths_and_seeds():
-    assert paper_lengths("qm9", 130831) == [104664, 13083, 13084]
-    assert paper_lengths("qm8", 21786) == [17428, 2179, 2179]
-    train, val, test = paper_random_split("qm9", 130831, PAPER_SEEDS["qm9"][0])
+    assert qm9.paper_lengths(130831) == [104664, 13083, 13084]
+    assert qm8.paper_lengths(21786) == [17428, 2179, 2179]
+    train, val, test = qm9.paper_split(PAPER_SEEDS["qm9"][0], 130831)
     assert (len(train), len(val), len(test)) == (104664, 13083, 13084)
     ref = torch.utils.data.random_split(range(130831), [104664, 13083, 13084],
                                         generator=torch.Generator().manual_seed(844249))
     assert test.tolist() == list(ref[2].indices)
     with pytest.raises(ValueError, match="not one of the paper's"):
-        paper_random_split("qm9", 130831, 1)
+        qm9.paper_split(1, 130831)
     with pytest.raises(ValueError, match="do not add up"):
-        paper_lengths("qm9", 130830)
+        qm9.paper_lengths(130830)
 
 
 def test_paper_split_dispatch(shared_root):
@@ -78,6 +77,21 @@ def test_paper_split_dispatch(shared_root):
     assert [len(x) for x in b] == [32000, 19480, 10000]
     c = paper_split("md17", 42, n_train=1000, n_test=501)
     assert [len(x) for x in c] == [1000, 250, 251] and c[1].min() >= 1000
+    d = paper_split("qm8", PAPER_SEEDS["qm8"][0], n=21786)
+    assert [len(x) for x in d] == [17428, 2179, 2179]
+
+
+def test_each_dataset_owns_its_paper_split_and_splits_imports_no_dataset():
+    import ast
+    import inspect
+
+    from abp_core.data import DATASETS, splits
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(splits)))
+                if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"md17", "qm7b", "qm8", "qm9", "qmugs", "oe62"}, imported
+    for cls in DATASETS.values():
+        assert "paper_split" in vars(cls), f"{cls.__name__} has no paper_split of its own"
 
 
 # ---------------------------------------------------------------------------------------------------
