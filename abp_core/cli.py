@@ -272,30 +272,120 @@ def _register_report(sub):
 # ------------------------------------------------------------------------------------------------
 # predict
 # ------------------------------------------------------------------------------------------------
+def _report_molecules(predictions, messages) -> int:
+    """Per-molecule report on stderr: every molecule not predicted, by name, with its reason."""
+    failed = predictions[predictions["status"] != "ok"]
+    if len(failed):
+        print(f"{len(failed)} molecule(s) not predicted (the others were):", file=sys.stderr)
+    for msg in messages:
+        print(msg, file=sys.stderr)
+    return int((predictions["status"] == "ok").sum())
+
+
+def _molecule_inputs(args):
+    if args.molecules is None and not args.smiles:
+        raise UsageError("give a molecule file (.sdf/.xyz/.smi/.csv) and/or --smiles SMILES ...")
+    return {"molecules": args.molecules, "smiles": args.smiles, "optimize": args.optimize}
+
+
 def _cmd_predict(args) -> int:
     from .predict import predict_file
 
-    res = predict_file(args.checkpoint, args.molecules, out=args.out, views=args.views,
-                       batch_size=args.batch_size, weights_out=args.atom_weights)
-    ok = int((res.predictions["status"] == "ok").sum())
+    res = predict_file(args.checkpoint, out=args.out, views=args.views, batch_size=args.batch_size,
+                       weights_out=args.atom_weights, method=args.method, **_molecule_inputs(args))
+    ok = _report_molecules(res.predictions, res.messages)
     print(f"predicted {ok}/{len(res.predictions)} molecules -> {res.out}")
+    if res.geometries_path:
+        print(f"geometries used -> {res.geometries_path}")
     if res.weights_path:
-        print(f"per-atom readout weights -> {res.weights_path}")
-    for msg in res.messages:
-        print(msg, file=sys.stderr)
+        print(f"per-atom {'attributions (' + args.method + ')' if args.method else 'readout weights'} "
+              f"-> {res.weights_path}")
     return 0 if ok else 1
+
+
+def _add_molecule_args(p):
+    p.add_argument("molecules", nargs="?", help="an .sdf (RDKit), .xyz/.extxyz (ASE, multi-frame), or SMILES in "
+                                                ".smi ('SMILES name' per line) / .csv (a 'smiles' column) file")
+    p.add_argument("--smiles", nargs="+", metavar="SMILES", help="SMILES strings (3D from RDKit ETKDG + MMFF94)")
+    p.add_argument("--optimize", choices=("mmff", "xtb", "none"), default="mmff",
+                   help="geometry of SMILES: ETKDG + MMFF94 (default), + GFN2-xTB (tblite; closer to QM9's DFT "
+                        "geometries), or ETKDG only")
+    p.add_argument("--batch-size", type=int, default=64)
 
 
 @subcommand("predict")
 def _register_predict(sub):
-    p = sub.add_parser("predict", help="predict molecules (SDF/XYZ) with a trained checkpoint")
-    p.add_argument("checkpoint", help="a .ckpt written by 'abp train' (best.ckpt or last.ckpt)")
-    p.add_argument("molecules", help="an .sdf (RDKit) or .xyz/.extxyz (ASE, multi-frame) file")
-    p.add_argument("--out", "-o", default="predictions.csv", help="predictions CSV (default predictions.csv)")
-    p.add_argument("--atom-weights", help="per-atom readout weights CSV (default: <out>_atom_weights.csv)")
-    p.add_argument("--views", metavar="DIR", help="write 3D attention views (HTML) into DIR (needs abp_core.viz)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p = sub.add_parser("predict", help="predict molecules (SMILES, SDF, XYZ) with a shipped model or a checkpoint")
+    p.add_argument("checkpoint", metavar="MODEL_OR_CHECKPOINT",
+                   help="a shipped model (see 'abp models', e.g. qm9-homo-abp) or a .ckpt written by 'abp train'")
+    _add_molecule_args(p)
+    p.add_argument("--out", "-o", default="predictions.csv", help="predictions CSV (default predictions.csv); "
+                   "geometries made from SMILES go to <out>_geometries.sdf")
+    p.add_argument("--atom-weights", help="per-atom values CSV (default: <out>_atom_weights.csv)")
+    p.add_argument("--method", help="per-atom attribution instead of the readout's weights: weights, rollout, "
+                                    "gradient, input_x_gradient, integrated_gradients, occlusion")
+    p.add_argument("--views", metavar="DIR", help="write 3D views of the per-atom values (HTML) into DIR")
     p.set_defaults(handler=_cmd_predict)
+
+
+# ------------------------------------------------------------------------------------------------
+# models / explain
+# ------------------------------------------------------------------------------------------------
+def _cmd_models(args) -> int:
+    import json
+
+    import pandas as pd
+
+    from . import pretrained
+
+    if args.card:
+        print(json.dumps(pretrained.card(args.card), indent=2, ensure_ascii=False))
+        return 0
+    table = pretrained.table()
+    if table.empty:
+        print("no shipped models in this installation")
+        return 1
+    with pd.option_context("display.max_columns", 20, "display.width", 200):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    print("\ntest MAE/RMSE in meV on the paper's QM9 split 844249 (13,084 test molecules); paper = Table 1, "
+          "same readout (SchNet 256/256/8). Card: abp models --card NAME")
+    return 0
+
+
+@subcommand("models")
+def _register_models(sub):
+    p = sub.add_parser("models", help="list the shipped pretrained models with their test MAE")
+    p.add_argument("--card", metavar="NAME", help="print one model's full card (JSON)")
+    p.set_defaults(handler=_cmd_models)
+
+
+def _cmd_explain(args) -> int:
+    from .predict import explain_molecules
+
+    res = explain_molecules(args.model, out_dir=args.out, method=args.method, orbitals=args.orbitals,
+                            batch_size=args.batch_size, **_molecule_inputs(args))
+    ok = _report_molecules(res.predictions, res.messages)
+    print(f"explained {ok}/{len(res.predictions)} molecules ({res.method}) -> {args.out}")
+    for key, path in res.files.items():
+        print(f"  {key}: {path}")
+    if res.views:
+        print(f"  {len(res.views)} view(s): {Path(res.views[0]).parent}")
+    return 0 if ok else 1
+
+
+@subcommand("explain")
+def _register_explain(sub):
+    p = sub.add_parser("explain", help="per-atom attributions (and xTB orbital shares) of new molecules, "
+                                       "with one offline HTML view per molecule")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="a shipped model (see 'abp models') or a .ckpt")
+    _add_molecule_args(p)
+    p.add_argument("--out", "-o", required=True, metavar="DIR",
+                   help="folder for predictions.csv, attributions.csv, geometries.sdf and views/")
+    p.add_argument("--method", help="attribution method (default: the readout's default, e.g. rollout for ABP, "
+                                    "weights for WA, gradient for sum)")
+    p.add_argument("--orbitals", action="store_true",
+                   help="also GFN2-xTB HOMO/LUMO shares of the same geometry, shown beside the attribution")
+    p.set_defaults(handler=_cmd_explain)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,10 +446,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     expected = (ConfigError, UsageError, FileNotFoundError)
     try:
         from .data import DatasetError
-        from .predict import MoleculeFileError
+        from .predict import MethodError, MoleculeFileError
+        from .pretrained import PretrainedError
         from .train import CheckpointError
 
-        expected = expected + (DatasetError, CheckpointError, MoleculeFileError)
+        expected = expected + (DatasetError, CheckpointError, MoleculeFileError, MethodError, PretrainedError)
     except ImportError:  # pragma: no cover
         pass
     try:

@@ -161,3 +161,112 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
     assert main(["predict", str(junk), str(xyz)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("abp: error: ") and "not a readable abp checkpoint" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Molecules from SMILES (abp_core.conformers) and the per-molecule report
+# ------------------------------------------------------------------------------------------------
+def test_smiles_parsing_and_conformer_failures():
+    from abp_core.conformers import from_smiles
+
+    mols = from_smiles(["CC(=O)C", "xyz(", "", "C1#CC1", "C1C[C@H]2C[C@@H]2C1", "[NH4+]", "[CH3]", "C" * 12],
+                       names=["acetone", "bad", "empty", "cyclopropyne", "trans-fused", "ammonium", "methyl",
+                              "dodecane"], max_heavy_atoms=10)
+    status = {m.name: m.status for m in mols}
+    assert status == {"acetone": "ok", "bad": "invalid_smiles", "empty": "invalid_smiles",
+                      "cyclopropyne": "embedding_failed", "trans-fused": "embedding_failed", "ammonium": "charged",
+                      "methyl": "radical", "dodecane": "too_large"}
+    acetone = mols[0]
+    assert acetone.z.tolist() == [6, 6, 8, 6] + [1] * 6 and acetone.pos.shape == (10, 3)
+    assert acetone.geometry == "ETKDGv3+MMFF94" and acetone.smiles == "CC(=O)C"
+    assert np.linalg.norm(acetone.pos[1] - acetone.pos[2]) == pytest.approx(1.22, abs=0.03)  # C=O (MMFF94)
+    assert "net charge +1" in mols[5].message and "1 unpaired electron" in mols[6].message
+    assert "12 heavy atoms" in mols[7].message and mols[7].pos is None  # refused before any embedding
+    again = from_smiles(["CC(=O)C"])[0]
+    assert np.array_equal(again.pos, acetone.pos)  # seeded: the same SMILES gives the same geometry
+    raw = from_smiles(["CC(=O)C"], optimize="none")[0]
+    assert raw.geometry == "ETKDGv3" and not np.allclose(raw.pos, acetone.pos, atol=1e-3)
+    with pytest.raises(ValueError, match="optimize must be one of"):
+        from_smiles(["C"], optimize="dft")
+
+
+def test_xtb_geometry_is_closer_to_dft():
+    from abp_core.conformers import from_smiles
+
+    mmff, xtb = from_smiles(["CO"])[0], from_smiles(["CO"], optimize="xtb")[0]
+    assert xtb.status == "ok" and xtb.geometry == "ETKDGv3+MMFF94+GFN2-xTB"
+    assert not np.allclose(xtb.pos, mmff.pos, atol=1e-3)
+    # methanol, B3LYP: C-O 1.42 Å, O-H 0.96 Å (QM9 molecule 5); GFN2-xTB lands within ~0.02 Å
+    assert np.linalg.norm(xtb.pos[0] - xtb.pos[1]) == pytest.approx(1.42, abs=0.03)
+    assert np.linalg.norm(xtb.pos[1] - xtb.pos[5]) == pytest.approx(0.96, abs=0.03)
+
+
+def test_smi_and_csv_files_and_the_geometry_written_beside(checkpoint, tmp_path):
+    smi = tmp_path / "mine.smi"
+    smi.write_text("# my molecules\nCCO ethanol\n\nCC(=O)N acetamide\nnot-a-smiles broken one\nCBr\n")
+    out = tmp_path / "p.csv"
+    res = predict_file(checkpoint, smi, out=out)
+    p = pd.read_csv(out)
+    assert p["name"].tolist() == ["ethanol", "acetamide", "broken one", "CBr"]
+    assert p["status"].tolist() == ["ok", "ok", "invalid_smiles", "unknown_element"]
+    assert p["smiles"].tolist() == ["CCO", "CC(=O)N", "not-a-smiles", "CBr"]
+    assert res.geometries_path == tmp_path / "p_geometries.sdf"
+    # the geometry written is the one predicted: reading it back gives the same predictions
+    back = read_molecules(res.geometries_path)
+    assert [m.name for m in back] == ["ethanol", "acetamide", "CBr"]
+    with pytest.warns(PredictionWarning, match="CBr"):
+        again = predict(checkpoint, back)
+    col = f"{TARGET} [Ha]"
+    assert again.predictions[col].to_numpy()[:2] == pytest.approx(p[col].to_numpy()[:2], abs=1e-6)
+    csv = tmp_path / "mine.csv"
+    csv.write_text("ID,SMILES,other\nm1,CCO,x\nm2,c1ccccc1O,y\n")
+    res = predict(checkpoint, csv)
+    assert res.predictions["name"].tolist() == ["m1", "m2"] and (res.predictions["status"] == "ok").all()
+    (tmp_path / "nosmiles.csv").write_text("name,structure\na,CCO\n")
+    with pytest.raises(ValueError, match="no 'smiles' column \\(columns: name, structure\\)"):
+        predict(checkpoint, tmp_path / "nosmiles.csv")
+
+
+def test_per_molecule_error_report(checkpoint, tmp_path, capsys):
+    xyz = tmp_path / "no.xyz"  # nitric oxide: 15 electrons, a radical in a file without charges
+    xyz.write_text("2\nnitric oxide\nN 0 0 0\nO 0 0 1.15\n")
+    smiles = ["CCO", "C(", "[O-]C(=O)C", "[CH2]C", "FC(F)(F)F", "C1#CC1", "OCCS"]
+    code = main(["predict", str(checkpoint), str(xyz), "--smiles", *smiles, "--out", str(tmp_path / "r.csv")])
+    err = capsys.readouterr().err
+    assert code == 0
+    p = pd.read_csv(tmp_path / "r.csv").set_index("name")
+    assert p["status"].to_dict() == {"nitric oxide": "radical", "CCO": "ok", "C(": "invalid_smiles",
+                                     "[O-]C(=O)C": "charged", "[CH2]C": "radical", "FC(F)(F)F": "unknown_element",
+                                     "C1#CC1": "embedding_failed", "OCCS": "ok"}
+    assert "6 molecule(s) not predicted (the others were)" in err
+    for name, reason in [("nitric oxide", "radical"), ("C(", "invalid_smiles"), ("[O-]C(=O)C", "charged"),
+                         ("FC(F)(F)F", "unknown_element"), ("C1#CC1", "embedding_failed")]:
+        assert f"molecule {name!r} not predicted ({reason})" in err
+    assert p.loc["OCCS", f"{TARGET} [Ha]"] < 0 and np.isnan(p.loc["C(", f"{TARGET} [Ha]"])
+    assert main(["predict", str(checkpoint)]) == 2  # neither a file nor --smiles
+    assert "give a molecule file" in capsys.readouterr().err
+
+
+def test_method_option_uses_the_explain_module(checkpoint, tmp_path, capsys):
+    from torch_geometric.data import Batch, Data
+
+    from abp_core.explain import attribute
+    from abp_core.predict import MethodError
+
+    res = predict(checkpoint, smiles=["CCO", "OCC(=O)N"], method="gradient")
+    w = res.atom_weights
+    assert (w["method"] == "gradient").all()
+    assert w.groupby("molecule")["weight"].sum().to_numpy() == pytest.approx(1.0, abs=1e-5)
+    task = load_task(checkpoint)
+    mol = res._mols[1]
+    batch = Batch.from_data_list([Data(z=torch.as_tensor(mol.z), pos=torch.as_tensor(mol.pos, dtype=torch.float32))])
+    expected = attribute(task.model, batch, method="gradient").numpy()
+    assert w[w["molecule"] == 1]["weight"].to_numpy() == pytest.approx(expected, abs=1e-6)
+    assert not np.allclose(expected, task.model.atom_weights(batch).detach().numpy(), atol=1e-3)
+    with pytest.raises(MethodError, match="not available for the abp readout"):
+        predict(checkpoint, smiles=["CCO"], method="saliency")
+    code = main(["predict", str(checkpoint), "--smiles", "CCO", "--method", "occlusion", "--views", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "p.csv")])
+    assert code == 0 and "per-atom attributions (occlusion)" in capsys.readouterr().out
+    views = sorted((tmp_path / "v").glob("*.html"))
+    assert [v.name for v in views] == ["00000_CCO.html"] and "occlusion attribution" in views[0].read_text()
