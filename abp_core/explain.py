@@ -393,15 +393,16 @@ class DeletionCurves:
         })
 
 
-def _ranks(scores: Tensor, batch: Tensor, num_molecules: int) -> Tensor:
-    """Rank of each atom within its molecule by descending score (0 = first removed; ties by atom order)."""
-    s = scores.to(torch.float64)
-    lo, hi = s.min(), s.max()
-    s = (s - lo) / (hi - lo) if hi > lo else torch.zeros_like(s)
-    key = batch.to(torch.float64) * 4.0 - s  # molecules in [4b-1, 4b]: sorted by molecule, then score desc
-    order = torch.sort(key, stable=True).indices
+def _ranks(scores: Tensor, batch: Tensor, num_molecules: int, generator: torch.Generator) -> Tensor:
+    """Rank of each atom within its molecule by descending score (0 = first removed).
+
+    Exact ties are broken at random: a constant attribution must not get credit for the dataset's atom order
+    (QM9 lists heavy atoms before hydrogens)."""
+    idx = torch.randperm(scores.numel(), generator=generator).to(scores.device)
+    idx = idx[torch.sort(-scores[idx].to(torch.float64), stable=True).indices]
+    idx = idx[torch.sort(batch[idx], stable=True).indices]
     rank = torch.empty_like(batch)
-    rank[order] = torch.arange(batch.numel(), device=batch.device)
+    rank[idx] = torch.arange(batch.numel(), device=batch.device)
     counts = torch.bincount(batch, minlength=num_molecules)
     return rank - (torch.cumsum(counts, 0) - counts)[batch]
 
@@ -425,8 +426,8 @@ def faithfulness(model, batch, attribution: Tensor, target: int = 0, *, n_random
         if not bool(torch.isfinite(attribution).all()):
             raise ValueError("attribution contains NaN/inf")
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        orders = [attribution] + [torch.rand(h.size(0), generator=gen).to(h.device) for _ in range(n_random)]
-        ranks = torch.cat([_ranks(o, vec, m) for o in orders])      # [(R+1) N]
+        orders = [attribution] + [torch.zeros(h.size(0), device=h.device)] * n_random  # all ties: random orders
+        ranks = torch.cat([_ranks(o, vec, m, gen) for o in orders])      # [(R+1) N]
         reps = len(orders)
         forward = _output_fn(model, vec, m, target)
         h_all = h.repeat(reps, 1)

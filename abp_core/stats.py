@@ -475,3 +475,13 @@ def paper_layout(summary: pd.DataFrame, metric: str = "mae", digits: int = 4,
                  for c in [(bb, r)] if c in table.columns]
         table = table[order]
     return table
+
+
+def milli_unit(unit: str) -> Tuple[float, str]:
+    """Factor and unit to show errors in: ``(1000, "meV")`` for eV, ``(1000, "mHa")`` for Hartree, else ``(1, unit)``."""
+    u = (unit or "").strip().lower()
+    if u == "ev":
+        return 1000.0, "meV"
+    if u in ("ha", "hartree"):
+        return 1000.0, "mHa"
+    return 1.0, unit

@@ -66,6 +66,8 @@ __all__ = [
     "learning_curves",
     "mae_bar_chart",
     "save_figure",
+    "html_to_png",
+    "find_chromium",
 ]
 
 log = logging.getLogger(__name__)
@@ -790,4 +792,49 @@ def save_figure(fig: go.Figure, path: Union[str, os.PathLike], *, include_plotly
                 png_path = out.with_suffix(".png")
             except Exception as err:  # kaleido present but unusable (e.g. no browser for kaleido>=1)
                 log.warning("PNG of %s skipped: kaleido failed (%s)", html_path.name, err)
+        if png_path is None:  # no (working) kaleido: screenshot the HTML with headless Chromium
+            png_path = html_to_png(html_path, out.with_suffix(".png"),
+                                   size=(int(fig.layout.width or 760), int(fig.layout.height or 520)))
     return {"html": html_path, "png": png_path}
+
+
+def find_chromium() -> Optional[str]:
+    """A headless-capable Chromium (``$CHROMIUM``, ``/usr/bin/chromium``, or on the PATH), else None."""
+    import shutil
+
+    for cand in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                 shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def html_to_png(html_path: Union[str, os.PathLike], png_path: Union[str, os.PathLike],
+                size: Tuple[int, int] = (900, 600), timeout: float = 120.0) -> Optional[Path]:
+    """Screenshot a local HTML page with headless Chromium (software WebGL, no network).
+
+    Returns the PNG path, or None (logged) when Chromium is missing or fails.
+    """
+    import subprocess
+    import tempfile
+
+    chromium = find_chromium()
+    if chromium is None:
+        log.info("PNG of %s skipped: no Chromium found (bash scripts/browser_deps.sh installs it)", html_path)
+        return None
+    html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
+    with tempfile.TemporaryDirectory(prefix="abp-chromium-") as profile:
+        args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--host-resolver-rules=MAP * ~NOTFOUND",
+                "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
+                "--virtual-time-budget=8000", f"--screenshot={png_path}", html_path.as_uri()]
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("PNG of %s skipped: Chromium failed (%s)", html_path.name, exc)
+            return None
+    if proc.returncode != 0 or not png_path.is_file():
+        log.warning("PNG of %s skipped: Chromium exited with %s", html_path.name, proc.returncode)
+        return None
+    return png_path

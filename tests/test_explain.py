@@ -333,6 +333,18 @@ def test_faithful_attribution_beats_random_orders_and_its_reverse():
     assert list(frame.molecule) == ["a", "b", "c", "d"] and (frame.n_atoms == [9, 12, 10, 11]).all()
 
 
+def test_a_constant_attribution_is_no_better_than_random():
+    """Ties are broken at random, so a uniform attribution does not profit from the atom order."""
+    model = _additive_model()
+    mols = [Data(z=torch.cat([torch.full((4,), 9), torch.ones(8, dtype=torch.long)]), pos=torch.randn(12, 3))
+            for _ in range(30)]  # heavy atoms first, as in QM9
+    batch = Batch.from_data_list(mols)
+    with torch.no_grad():
+        model.backbone.table.weight[9] = 5.0  # removing the heavy atoms first would move y the most
+    curves = faithfulness(model, batch, torch.ones(batch.num_nodes), n_random=20)
+    assert 0.8 < float(curves.relative_area.mean()) < 1.2
+
+
 def test_faithfulness_handles_single_atoms_and_refuses_bad_attributions():
     model = _model("abp")
     batch = Batch.from_data_list(_molecules())

@@ -312,9 +312,10 @@ def test_mae_bar_chart():
 def test_save_figure_html_and_png_skip(tmp_path, monkeypatch, caplog):
     fig = viz.mae_bar_chart({"sum": 0.12, "abp": 0.08})
     monkeypatch.setitem(sys.modules, "kaleido", None)  # as if kaleido were not installed
+    monkeypatch.setattr(viz, "find_chromium", lambda: None)  # ... and no Chromium to fall back on
     with caplog.at_level(logging.INFO, logger="abp_core.viz"):
         out = viz.save_figure(fig, tmp_path / "figs" / "mae.png")
-    assert out["png"] is None and "kaleido" in caplog.text
+    assert out["png"] is None and "kaleido" in caplog.text and "no Chromium" in caplog.text
     page = out["html"].read_text()
     assert out["html"].name == "mae.html" and "<html>" in page and len(page) > 1_000_000  # plotly.js inline
     out2 = viz.save_figure(fig, tmp_path / "mae2", include_plotlyjs="directory", png=False)
