@@ -128,7 +128,8 @@ def train() -> None:
 def analyse() -> None:
     from abp_core.attribution_study import run_evidence_study
 
-    run_evidence_study(configs(), datasets(), OUT, command="python experiments/explain_evidence.py analyse")
+    run_evidence_study(configs(), datasets(), OUT, n_random=10,
+                       command="python experiments/explain_evidence.py analyse")
 
 
 if __name__ == "__main__":
