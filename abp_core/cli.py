@@ -13,7 +13,8 @@ Adding a subcommand: write ``def _register_x(subparsers)`` that adds a parser an
 ``@subcommand("x")`` (or call ``register_subcommand("x", fn)``, or
 ``register_subcommand("x", "abp_core.x:register")`` to import the module lazily). ``main()`` finds it in
 :data:`SUBCOMMANDS`; expected errors (``ConfigError``, bad input files) are printed as one
-``abp: error: ...`` line and give exit code 2, and a failed run exit code 1.
+``abp: error: ...`` line and give exit code 2, a failed run (also a full disk) exit code 1, and a run
+stopped by SIGTERM/SIGUSR1 after writing its checkpoint exit code 128 + signal (143/138).
 """
 from __future__ import annotations
 
@@ -118,6 +119,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _save_summary(summary, out) -> None:
+    from .files import write_text
+
+    write_text(out, summary.to_csv(index=False))
+    print(f"summary written to {out}")
+
+
 def _print_result(result) -> None:
     m = result.metrics
     state = "already finished (not redone)" if result.skipped else "finished"
@@ -156,8 +164,7 @@ def _cmd_experiment(args) -> int:
     summary = stats.summarize(runs)
     _print_tables(summary, args.baseline, args.candidate, paper=True)
     if args.out:
-        summary.to_csv(args.out, index=False)
-        print(f"summary written to {args.out}")
+        _save_summary(summary, args.out)
     if failures:
         print(f"{len(failures)} run(s) failed:", file=sys.stderr)
         for cfg_, msg in failures:
@@ -242,8 +249,7 @@ def _cmd_table(args) -> int:
     summary = stats.summarize(runs)
     _print_tables(summary, args.baseline, args.candidate, paper=args.paper)
     if args.out:
-        summary.to_csv(args.out, index=False)
-        print(f"summary written to {args.out}")
+        _save_summary(summary, args.out)
     return 0
 
 
@@ -454,11 +460,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     try:
-        from .train import NonFiniteLossError, RunConflictError
+        from .files import StorageError
+        from .train import NonFiniteLossError, RunConflictError, TrainingPreempted
 
-        failed_run = (NonFiniteLossError, RunConflictError)
+        failed_run = (NonFiniteLossError, RunConflictError, StorageError)
     except ImportError:  # pragma: no cover
-        failed_run = ()
+        failed_run, TrainingPreempted = (), ()
     try:
         return int(args.handler(args) or 0)
     except expected as exc:
@@ -474,6 +481,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("abp: interrupted (re-run the same command to resume from last.ckpt)", file=sys.stderr)
         return 130
+    except TrainingPreempted as exc:  # checkpoint written, already reported by the trainer
+        return int(exc.code)
 
 
 class _StderrHandler(logging.StreamHandler):

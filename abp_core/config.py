@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .coercion import Rules, coerce
+from .files import write_text
 
 __all__ = [
     "ConfigError",
@@ -437,14 +438,10 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write YAML (or JSON for a ``.json`` suffix)."""
+        """Write YAML (or JSON for a ``.json`` suffix), atomically (:mod:`abp_core.files`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2) if path.suffix.lower() == ".json" else self.to_yaml()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return write_text(path, text)
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes a run's result (not paths, workers, devices)."""

@@ -36,6 +36,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .files import atomic_path
+
 __all__ = ["available", "unavailable_reason", "applies", "supports", "disabled", "molecule_table", "attention_forward",
            "attention_backward", "relu_residual", "add_residual", "relu_backward", "shifted_softplus",
            "shifted_softplus_backward", "pair_mul_scatter", "pair_mul_scatter_backward", "bias_scale_rows", "scale_rows_backward",
@@ -82,18 +84,12 @@ def _library_path(cxx: str) -> Path:
 
 
 def _build(cxx: str, target: Path) -> None:
-    """Compile into a temporary file next to ``target``, then rename it into place (atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+    """Compile into a temporary file next to ``target``, then rename it into place (:mod:`abp_core.files`)."""
+    with atomic_path(target) as tmp:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+                              timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed:\n{proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load(path: Path) -> ctypes.CDLL:

@@ -46,9 +46,8 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +56,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .files import atomic_open, remove_stale_temporaries, set_aside, write_text
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch_geometric.transforms import BaseTransform
 
@@ -64,7 +65,9 @@ __all__ = [
     "OrbitalResult",
     "OrbitalCalculationError",
     "OrbitalCacheMismatchError",
+    "OrbitalCacheCorruptError",
     "OrbitalLabelWarning",
+    "OrbitalCacheWarning",
     "OrbitalLabels",
     "AttachOrbitalLabels",
     "orbital_coefficients",
@@ -105,8 +108,20 @@ class OrbitalCacheMismatchError(ValueError):
     """An orbital-label cache on disk was made for other molecules or other settings."""
 
 
+class OrbitalCacheCorruptError(ValueError):
+    """An orbital-label file that cannot be read (truncated, damaged, or not written by this package)."""
+
+
 class OrbitalLabelWarning(UserWarning):
     """Some molecules could not be labelled (see ``OrbitalLabels.failed`` / ``.errors``)."""
+
+
+class OrbitalCacheWarning(UserWarning):
+    """An unreadable orbital-label cache or cache chunk was set aside (``<name>.corrupt``) and is recomputed."""
+
+
+#: what reading a damaged .npz raises: truncated (no central directory), bad CRC, missing or bad members
+_UNREADABLE = (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -776,58 +791,44 @@ class OrbitalLabels:
         for k, orb in enumerate(self.orbitals):
             arrays[f"coeff_{k}"] = self.coeffs[orb]
             arrays[f"energy_{k}"] = self.energies_ev[orb]
-        _atomic_savez(Path(path), arrays)
+        with atomic_open(path) as fh:
+            np.savez(fh, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "OrbitalLabels":
-        """Load labels written by :meth:`save` (or by :func:`label_orbitals`)."""
-        with np.load(Path(path), allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            if meta.get("format_version") != _CACHE_FORMAT_VERSION:
-                raise ValueError(
-                    f"{path}: orbital-label file format {meta.get('format_version')} is not "
-                    f"supported (expected {_CACHE_FORMAT_VERSION}); recompute it"
+        """Load labels written by :meth:`save` (or by :func:`label_orbitals`).
+
+        Raises :class:`OrbitalCacheCorruptError` (naming the file) if it cannot be read.
+        """
+        try:
+            with np.load(Path(path), allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                if meta.get("format_version") != _CACHE_FORMAT_VERSION:
+                    raise ValueError(
+                        f"{path}: orbital-label file format {meta.get('format_version')} is not "
+                        f"supported (expected {_CACHE_FORMAT_VERSION}); recompute it"
+                    )
+                orbitals = meta["orbitals"]
+                return cls(
+                    method=meta["method"],
+                    orbitals=orbitals,
+                    ptr=f["ptr"],
+                    z=f["z"],
+                    idx=f["idx"],
+                    coeffs={o: f[f"coeff_{k}"] for k, o in enumerate(orbitals)},
+                    energies_ev={o: f[f"energy_{k}"] for k, o in enumerate(orbitals)},
+                    failed=f["failed"],
+                    errors=f["errors"].tolist(),
+                    fingerprint=meta["fingerprint"],
+                    options=meta.get("options", {}),
                 )
-            orbitals = meta["orbitals"]
-            return cls(
-                method=meta["method"],
-                orbitals=orbitals,
-                ptr=f["ptr"],
-                z=f["z"],
-                idx=f["idx"],
-                coeffs={o: f[f"coeff_{k}"] for k, o in enumerate(orbitals)},
-                energies_ev={o: f[f"energy_{k}"] for k, o in enumerate(orbitals)},
-                failed=f["failed"],
-                errors=f["errors"].tolist(),
-                fingerprint=meta["fingerprint"],
-                options=meta.get("options", {}),
-            )
-
-
-def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        except FileNotFoundError:
+            raise
+        except _UNREADABLE as exc:
+            raise OrbitalCacheCorruptError(
+                f"{path} is not a readable orbital-label file ({type(exc).__name__}: {exc}); "
+                f"recompute it with label_orbitals"
+            ) from exc
         raise
 
 
@@ -983,7 +984,9 @@ def label_orbitals(
             in ``<cache_path>.partial/`` (each written atomically); an interrupted run resumes
             from them, and a finished cache is loaded without computing anything. A cache made
             for other molecules (fingerprint of z/pos/idx) or other settings is refused with
-            :class:`OrbitalCacheMismatchError`.
+            :class:`OrbitalCacheMismatchError`. An unreadable cache or chunk (truncated copy,
+            damaged disk) is renamed to ``<name>.corrupt`` and recomputed, with an
+            :class:`OrbitalCacheWarning` naming it.
         orbitals: orbitals to label, e.g. ``("homo", "lumo")`` or ``("homo",)``.
         method: see :func:`compute_orbitals`.
         num_workers: processes (default: all cores available). ``<= 1`` runs in this process.
@@ -1030,15 +1033,30 @@ def label_orbitals(
     }
 
     if cache_path.exists():
-        labels = OrbitalLabels.load(cache_path)
-        _check_meta(labels.meta(), expected, cache_path)
-        _warn_failed(labels)
-        return labels
+        try:
+            labels = OrbitalLabels.load(cache_path)
+        except OrbitalCacheCorruptError as exc:
+            _set_aside_warning(cache_path, exc)
+        else:
+            _check_meta(labels.meta(), expected, cache_path)
+            _warn_failed(labels)
+            return labels
 
     partial = _partial_dir(cache_path)
     meta_file = partial / "meta.json"
+    remove_stale_temporaries(cache_path.parent)
+    remove_stale_temporaries(partial)
+    found = None
     if meta_file.exists():
-        found = json.loads(meta_file.read_text())
+        try:
+            found = json.loads(meta_file.read_text())
+            if not isinstance(found, dict) or not isinstance(found.get("chunk_size"), int):
+                raise ValueError("not a partial-cache description")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            # without its description the chunks cannot be matched to these molecules: set all aside
+            _set_aside_warning(partial, exc)
+            found = None
+    if found is not None:
         _check_meta({k: found.get(k) for k in expected}, expected, partial)
         if found["chunk_size"] != chunk_size:
             warnings.warn(
@@ -1049,7 +1067,7 @@ def label_orbitals(
         chunk_size = int(found["chunk_size"])
     else:
         partial.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(meta_file, json.dumps({**expected, "chunk_size": chunk_size}, indent=1))
+        write_text(meta_file, json.dumps({**expected, "chunk_size": chunk_size}, indent=1))
 
     n_chunks = (len(mols) + chunk_size - 1) // chunk_size
     bounds = [(c * chunk_size, min(len(mols), (c + 1) * chunk_size)) for c in range(n_chunks)]
@@ -1066,10 +1084,8 @@ def label_orbitals(
                 if (int(data["start"]), int(data["stop"])) != bounds[c]:
                     raise ValueError("chunk bounds do not match")
                 done[c] = data
-            except Exception as exc:  # a damaged chunk is recomputed, not trusted
-                warnings.warn(
-                    f"recomputing unreadable cache chunk {chunk_file(c)}: {exc}", stacklevel=2
-                )
+            except _UNREADABLE as exc:  # a damaged chunk is recomputed, not trusted
+                _set_aside_warning(chunk_file(c), exc)
     todo = [c for c in range(n_chunks) if c not in done]
     if max_chunks is not None:
         todo = todo[: max(0, int(max_chunks))]
@@ -1089,7 +1105,8 @@ def label_orbitals(
         )
 
     def finish(c: int, data: dict[str, np.ndarray]) -> None:
-        _atomic_savez(chunk_file(c), data)
+        with atomic_open(chunk_file(c)) as fh:
+            np.savez(fh, **data)
         done[c] = data
         if bar is not None:
             bar.update(bounds[c][1] - bounds[c][0])
@@ -1133,9 +1150,26 @@ def label_orbitals(
 
     labels = _assemble(done, n_chunks, mols, idx, expected)
     labels.save(cache_path)
-    shutil.rmtree(partial, ignore_errors=True)
+    for c in range(n_chunks):
+        chunk_file(c).unlink(missing_ok=True)
+    meta_file.unlink(missing_ok=True)
+    try:
+        partial.rmdir()
+    except OSError:  # chunks set aside as unreadable stay there, for inspection
+        pass
     _warn_failed(labels)
     return labels
+
+
+def _set_aside_warning(path: Path, exc: BaseException) -> None:
+    aside = set_aside(path)
+    what = "partial cache" if path.is_dir() or aside.is_dir() else "cache file"
+    warnings.warn(
+        f"unreadable orbital-label {what} {path} ({type(exc).__name__}: {exc}); kept as {aside.name}, "
+        f"its molecules are recomputed",
+        OrbitalCacheWarning,
+        stacklevel=3,
+    )
 
 
 def _assemble(

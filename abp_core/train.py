@@ -29,7 +29,12 @@ Running the same config again resumes from ``last.ckpt`` (model, optimizer, sche
 and checkpoint state, RNG state, and the position inside the epoch), and a finished run (``metrics.json``
 with the same fingerprint) is not redone. Shuffling is a pure function of ``(seed, epoch)``
 (DistributedSampler semantics, also on one process), so a resumed run sees exactly the batches of an
-uninterrupted one.
+uninterrupted one. If ``last.ckpt`` is unreadable (truncated copy, crash on a file system without atomic
+rename), it is renamed to ``last.ckpt.corrupt`` and the run resumes from ``last-previous.ckpt``; one log
+line says which file and why. On SIGTERM or SIGUSR1 (cluster preemption, time limit) a mid-epoch
+``last.ckpt`` is written at the next batch boundary and :class:`TrainingPreempted` (exit status 143/138)
+is raised; see :mod:`abp_core.preemption`. Every file goes through :mod:`abp_core.files` (atomic; a full
+disk raises :class:`~abp_core.files.StorageError` and keeps the previous files).
 
 A non-finite loss stops training with :class:`NonFiniteLossError`; no checkpoint is written after it,
 and if ``last.ckpt`` holds the very weights that produced it, the previous ``last.ckpt`` is put back.
@@ -56,13 +61,16 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DistributedSampler
 from torch_geometric.loader import DataLoader as PygDataLoader
 from torchmetrics import MeanMetric, Metric
 
 from . import __version__
 from .config import Config, ConfigError
+from .files import StorageError, atomic_open, remove_stale_temporaries, set_aside, write_text
 from .models import build_model
+from .preemption import PreemptionCheckpoint, TrainingPreempted, forward_sigusr1
 
 __all__ = [
     "AtomisticTask",
@@ -73,6 +81,7 @@ __all__ = [
     "ResumableDataLoader",
     "NonFiniteLossError",
     "CheckpointError",
+    "TrainingPreempted",
     "RunConflictError",
     "RunResult",
     "run_training",
@@ -401,6 +410,81 @@ def load_task(checkpoint: Union[str, Path], map_location: str = "cpu") -> Atomis
     return task
 
 
+def _read_training_checkpoint(path: Path) -> Tuple[Optional[Dict[str, Any]], str]:
+    """``(checkpoint, "")`` if ``path`` loads completely as a training checkpoint, else ``(None, reason)``."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign: the reason goes into the log line
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    missing = [k for k in ("state_dict", "loops", "optimizer_states", "epoch", "global_step")
+               if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        return None, f"not a training checkpoint (no {', '.join(missing)})"
+    return ck, ""
+
+
+def _resume_checkpoint(run_dir: Path, rank0: bool = True) -> Tuple[Optional[Path], Optional[Dict[str, Any]], str]:
+    """The newest readable checkpoint of ``run_dir`` to resume from: ``(path, checkpoint, why)``.
+
+    ``last.ckpt`` is tried first, then ``last-previous.ckpt`` (the one before it). An unreadable file is
+    renamed aside to ``<name>.corrupt`` (by rank 0; never deleted) and the next one is tried. ``(None,
+    None, "")`` for a fresh run. Raises :class:`CheckpointError` when checkpoints exist or existed (set
+    aside now or earlier) but none is readable: training from zero must be asked for, not happen by surprise.
+    """
+    problems: List[str] = []
+    for name in (LAST, LAST_PREVIOUS):
+        path = run_dir / name
+        if not path.exists():
+            if name == LAST and (run_dir / LAST_PREVIOUS).exists():
+                problems.append("last.ckpt is missing (interrupted between two checkpoint renames)")
+            continue
+        ck, reason = _read_training_checkpoint(path)
+        if ck is not None:
+            why = "; ".join(problems) if problems else "the newest checkpoint"
+            return path, ck, why
+        aside = set_aside(path) if rank0 else path
+        problems.append(f"{name} is unreadable ({reason}) and was kept as {aside.name}")
+    earlier = sorted(p.name for n in (LAST, LAST_PREVIOUS) for p in run_dir.glob(f"{n}.corrupt*"))
+    if not problems and not earlier:
+        return None, None, ""
+    best = run_dir / BEST
+    raise CheckpointError(
+        f"no readable checkpoint is left in {run_dir} to resume from: "
+        + ("; ".join(problems) if problems else "only unreadable ones, set aside earlier")
+        + (f" (set aside: {', '.join(earlier)})" if earlier else "")
+        + f". To start this run over from epoch 0, move the run directory away "
+        f"(e.g. mv {run_dir} {run_dir}.old) and run the same command again"
+        + (f"; {best.name} there keeps the best weights so far" if best.exists() else "") + ".")
+
+
+def _finished_metrics(path: Path, rank0: bool = True) -> Optional[Dict[str, Any]]:
+    """Contents of a run's ``metrics.json``, or ``None`` if absent; an unreadable one is set aside (redone)."""
+    if not path.exists():
+        return None
+    try:
+        done = json.loads(path.read_text())
+        if isinstance(done, dict):
+            return done
+        reason = f"a JSON {type(done).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    aside = set_aside(path) if rank0 else path
+    log.warning("%s is unreadable (%s); kept as %s, the evaluation is redone", path, reason, aside.name)
+    return None
+
+
+def _saved_config(path: Path) -> Optional[Config]:
+    """A run's saved ``config.yaml``, or ``None`` if absent; an unreadable one is set aside and rewritten."""
+    if not path.exists():
+        return None
+    try:
+        return Config.load(path)
+    except Exception as exc:  # noqa: BLE001 - truncated/garbled YAML; the run's fingerprint is in its path
+        aside = set_aside(path)
+        log.warning("%s is unreadable (%s); kept as %s and written again", path, exc, aside.name)
+        return None
+
+
 # ================================================================================================
 # Data
 # ================================================================================================
@@ -710,16 +794,16 @@ class _TransformedSubset(torch.utils.data.Dataset):
 # Callbacks / plugins
 # ================================================================================================
 class _RotatingCheckpointIO(TorchCheckpointIO):
-    """Atomic writes (tmp file + os.replace); the previous ``last.ckpt`` is kept as ``last-previous.ckpt``."""
+    """Atomic writes (:mod:`abp_core.files`); the previous ``last.ckpt`` is kept as ``last-previous.ckpt``.
+
+    A full disk raises :class:`~abp_core.files.StorageError` and leaves every earlier checkpoint as it was.
+    """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        if path.name == LAST and path.exists():
-            os.replace(path, path.with_name(LAST_PREVIOUS))
-        os.replace(tmp, path)
+        keep = path.with_name(LAST_PREVIOUS) if path.name == LAST else None
+        with atomic_open(path, keep_previous=keep) as fh:
+            torch.save(checkpoint, fh)
 
 
 class _History(Callback):
@@ -795,12 +879,10 @@ def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
     keys: List[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 # ================================================================================================
@@ -974,22 +1056,23 @@ def run_training(config: Union[Config, Dict[str, Any]], *, dataset=None, transfo
     run_dir = run_directory(cfg, dm.target_names)
     metrics_path = run_dir / "metrics.json"
     fingerprint = cfg.fingerprint()
-    if metrics_path.exists():
-        done = json.loads(metrics_path.read_text())
+    done = _finished_metrics(metrics_path, rank0=_rank() == 0)
+    if done is not None:
         if done.get("fingerprint") != fingerprint:
             raise RunConflictError(f"{run_dir} holds results of another configuration "
                                    f"(fingerprint {done.get('fingerprint')} != {fingerprint}); not overwriting")
         log.info("run already finished: %s", run_dir)
         return RunResult(run_dir, done, skipped=True)
     last = run_dir / LAST
-    if last.exists() and not resume:
+    if (last.exists() or (run_dir / LAST_PREVIOUS).exists()) and not resume:
         raise RunConflictError(f"{run_dir} holds an unfinished run (last.ckpt); pass resume=True to continue it")
     rank0 = _rank() == 0
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)  # half-written files of a process killed during a write
         saved_cfg = run_dir / "config.yaml"
-        if saved_cfg.exists():
-            old = Config.load(saved_cfg)
+        old = _saved_config(saved_cfg)
+        if old is not None:
             if old.fingerprint() != fingerprint:
                 raise RunConflictError(f"{saved_cfg} belongs to another configuration; not overwriting")
         cfg.save(saved_cfg)
@@ -998,20 +1081,26 @@ def run_training(config: Union[Config, Dict[str, Any]], *, dataset=None, transfo
     task = AtomisticTask(cfg.to_dict(), dm.target_names, dm.target_units, dm.target_mean, dm.target_std,
                          dm.train_elements, dm.target_indices)
     history = _History(run_dir / "history.csv")
-    trainer = _build_trainer(cfg, run_dir, callbacks, history)
+    preemption = PreemptionCheckpoint(last)
+    trainer = _build_trainer(cfg, run_dir, list(callbacks) + [preemption], history)
     resumed_from = None
-    ckpt_path = None
-    if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=True)
+    ckpt_path, ck, why = _resume_checkpoint(run_dir, rank0)
+    if ckpt_path is not None:
         resumed_from = {"epoch": int(ck.get("epoch", -1)), "global_step": int(ck.get("global_step", -1))}
-        ckpt_path = str(last)
         if rank0:
-            print(f"abp: resuming {run_dir} from last.ckpt (epoch {resumed_from['epoch']}, "
-                  f"global step {resumed_from['global_step']})", file=sys.stderr, flush=True)
-    with warnings.catch_warnings():
+            print(f"abp: resuming {run_dir} from {ckpt_path.name} (epoch {resumed_from['epoch']}, "
+                  f"global step {resumed_from['global_step']}): {why}", file=sys.stderr, flush=True)
+    del ck  # Lightning reads the file again; do not hold a second copy of the weights
+    with warnings.catch_warnings(), forward_sigusr1(preemption):
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+        except SIGTERMException:
+            stop = preemption.preempted(is_global_zero=trainer.is_global_zero)
+            if trainer.is_global_zero:
+                print(f"abp: {stop}", file=sys.stderr, flush=True)
+            raise stop from None
     if not trainer.is_global_zero:
         return RunResult(run_dir, {}, resumed_from=resumed_from, is_global_zero=False)
 
@@ -1079,9 +1168,7 @@ def run_training(config: Union[Config, Dict[str, Any]], *, dataset=None, transfo
         for t, name in enumerate(names):
             rows.append({"split": split, "weights": tag, "target": name, "unit": units[t], **block[name]})
     _write_csv(run_dir / "metrics.csv", rows)
-    tmp = metrics_path.with_name(".metrics.json.tmp")
-    tmp.write_text(json.dumps(out, indent=2, default=float))
-    os.replace(tmp, metrics_path)  # written last: its presence marks the run as finished
+    write_text(metrics_path, json.dumps(out, indent=2, default=float))  # written last: marks the run finished
     return RunResult(run_dir, out, resumed_from=resumed_from)
 
 
@@ -1114,7 +1201,7 @@ def run_experiment(config: Union[Config, Dict[str, Any]], *, targets: Optional[S
             if res.skipped:
                 print(f"  already finished: {res.run_dir}", file=sys.stderr, flush=True)
             results.append(res)
-        except ConfigError:
+        except (ConfigError, StorageError):  # a full disk fails every later run too
             raise
         except Exception as exc:  # noqa: BLE001 - one failed run must not end the grid
             if not continue_on_error:

@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -175,3 +177,210 @@ def test_real_full_tmpfs(tiny_tmpfs):
     assert leftovers(tiny_tmpfs) == []
     with atomic_path(tiny_tmpfs / "again.pt") as tmp:  # the space came back: nothing keeps the disk full
         torch.save({"w": torch.ones(150_000)}, tmp)
+
+
+# ---- training: full disk, corrupt checkpoints, preemption -----------------------------------------------
+from test_train import TARGET, assert_same_training, state, tiny_config  # noqa: E402
+
+import lightning as L  # noqa: E402
+
+from abp_core.train import CheckpointError, run_directory, run_training  # noqa: E402
+
+
+def signal_config(out):
+    """The tiny ABP run of test_train (8 steps per epoch, 3 epochs), validated in 4 batches of 8."""
+    return tiny_config(out, "abp", eval_batch_size=8, checkpoint_every_n_steps=3)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce."""
+    return run_training(signal_config(tmp_path_factory.mktemp("reference")))
+
+
+class Crash(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class DiskFillsUp(L.Callback):
+    """From the start of epoch 1 on, checkpoint writes fail as on a full disk (patched write)."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            FullDisk(self.monkeypatch, budget=0, only=".ckpt")
+
+
+def test_full_disk_during_training_is_one_clear_error_and_resumes(tmp_path, monkeypatch, reference, capsys):
+    cfg = signal_config(tmp_path)
+    run_dir = run_directory(cfg, [TARGET])
+    with pytest.raises(StorageError) as info:
+        run_training(cfg, callbacks=[DiskFillsUp(monkeypatch)])
+    e = info.value
+    assert e.path.parent == run_dir and e.path.suffix == ".ckpt" and "no space left on the device" in str(e)
+    assert leftovers(tmp_path) == [] and not (run_dir / "metrics.json").exists()
+    ck = state(run_dir / "last.ckpt")  # the last checkpoint written before the disk filled up, intact
+    assert (ck["epoch"], ck["global_step"]) == (0, 8) and state(run_dir / "last-previous.ckpt")["global_step"] == 6
+    assert state(run_dir / "best.ckpt")["global_step"] == 8
+    monkeypatch.undo()  # space freed: the same command resumes and ends like an uninterrupted run
+    res = run_training(cfg)
+    assert res.resumed_from == {"epoch": 0, "global_step": 8} and res.metrics["global_step"] == 24
+    assert_same_training(run_dir, reference.run_dir)
+
+
+def test_real_full_tmpfs_during_training(tmp_path):
+    """The run folder on a real 4 MB tmpfs that another file fills up in epoch 1."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real tmpfs needs root and mount")
+    mnt = tmp_path / "runs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    filler = mnt / "someone-elses-file"
+
+    class FillUp(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:  # leave half a checkpoint of room
+                free = shutil.disk_usage(mnt).free - (run_dir / "last.ckpt").stat().st_size // 2
+                with open(filler, "wb") as fh:
+                    fh.truncate(0)
+                    fh.write(b"\0" * max(0, free))
+
+    try:
+        cfg = tiny_config(mnt, "sum")
+        run_dir = run_directory(cfg, [TARGET])
+        with pytest.raises(StorageError, match=r"no space left on the device \(ENOSPC\).* free of 4\.\d MB"):
+            run_training(cfg, callbacks=[FillUp()])
+        assert leftovers(mnt) == []
+        assert state(run_dir / "last.ckpt")["global_step"] == 8 and state(run_dir / "best.ckpt")["global_step"] == 8
+        filler.unlink()
+        assert run_training(cfg).metrics["global_step"] == 24
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def truncate(path: Path) -> bytes:
+    data = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(data)
+    return data
+
+
+def test_truncated_last_checkpoint_resumes_from_the_previous_one(tmp_path, reference, capsys):
+    cfg = signal_config(tmp_path)
+    run_dir = run_directory(cfg, [TARGET])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(cfg, callbacks=[Crash(13)])
+    assert (state(run_dir / "last.ckpt")["global_step"], state(run_dir / "last-previous.ckpt")["global_step"]) == (12, 9)
+    broken = truncate(run_dir / "last.ckpt")  # a partial copy between clusters
+    capsys.readouterr()
+    res = run_training(cfg)
+    err = capsys.readouterr().err
+    assert re.search(r"abp: resuming .* from last-previous\.ckpt \(epoch 1, global step 9\): last\.ckpt is "
+                     r"unreadable \(.*\) and was kept as last\.ckpt\.corrupt", err), err
+    assert (run_dir / "last.ckpt.corrupt").read_bytes() == broken  # never deleted
+    assert res.resumed_from == {"epoch": 1, "global_step": 9} and res.metrics["global_step"] == 24
+    assert_same_training(run_dir, reference.run_dir)
+    # a truncated metrics.json of the finished run: set aside, the evaluation is redone, nothing retrained
+    before = res.metrics
+    truncate(run_dir / "metrics.json")
+    again = run_training(cfg)
+    assert not again.skipped and (run_dir / "metrics.json.corrupt").exists()
+    assert again.metrics["metrics"] == before["metrics"] and again.metrics["global_step"] == 24
+
+
+def test_no_readable_checkpoint_left_says_so_and_how_to_start_over(tmp_path):
+    cfg = signal_config(tmp_path)
+    run_dir = run_directory(cfg, [TARGET])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(cfg, callbacks=[Crash(13)])
+    truncate(run_dir / "last.ckpt")
+    truncate(run_dir / "last-previous.ckpt")
+    for attempt in range(2):  # the second time too: training from zero is never a surprise
+        with pytest.raises(CheckpointError) as info:
+            run_training(cfg)
+        msg = str(info.value)
+        assert f"no readable checkpoint is left in {run_dir}" in msg and f"mv {run_dir} {run_dir}.old" in msg
+        assert "last.ckpt.corrupt" in msg and "last-previous.ckpt.corrupt" in msg and "best.ckpt" in msg
+    assert sorted(p.name for p in run_dir.glob("*.corrupt*")) == ["last-previous.ckpt.corrupt", "last.ckpt.corrupt"]
+    assert state(run_dir / "best.ckpt")["global_step"] == 8 and leftovers(run_dir) == []
+
+
+SIGNAL_SCRIPT = """
+import json, os, signal, sys
+import lightning as L
+from abp_core.config import Config
+from abp_core.train import run_training
+
+class Signal(L.Callback):
+    '''Sends itself a real signal: during training batch `step`, or during validation batch 1 at `step`.'''
+    def __init__(self, name, where, step):
+        self.sig, self.where, self.step, self.sent = getattr(signal, name), where, step, False
+    def _send(self, trainer):
+        if not self.sent and trainer.global_step == self.step:
+            self.sent = True
+            os.kill(os.getpid(), self.sig)
+    def on_train_batch_start(self, trainer, *args):
+        if self.where == "train":
+            self._send(trainer)
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.where == "val" and batch_idx == 1:
+            self._send(trainer)
+
+cfg = Config.from_dict(json.load(open(sys.argv[1])))
+res = run_training(cfg, callbacks=[Signal(*sys.argv[2:4], int(sys.argv[4]))] if len(sys.argv) > 2 else [])
+print("RESUMED_FROM", json.dumps(res.resumed_from))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigusr1_write_a_checkpoint_and_the_same_command_resumes_exactly(tmp_path, reference):
+    """SIGTERM in the middle of epoch 1, then SIGUSR1 in the middle of epoch 1's validation, then done.
+
+    Each stop writes last.ckpt at the next batch boundary (for the signal in validation: once the
+    validation is over) and exits with 128 + signal; the third run ends like an uninterrupted run.
+    """
+    cfg = signal_config(tmp_path / "runs")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "send_signal.py").write_text(SIGNAL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(tmp_path / "send_signal.py"), str(tmp_path / "cfg.json")]
+    run_dir = run_directory(cfg, [TARGET])
+
+    first = subprocess.run(cmd + ["SIGTERM", "train", "13"], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-2000:]
+    assert f"abp: stopped by SIGTERM at global step 14 (epoch 1); {run_dir / 'last.ckpt'} holds" in first.stderr
+    assert "Run the same command to resume" in first.stderr
+    ck = state(run_dir / "last.ckpt")  # mid-epoch, not a step checkpoint (those are at 12 and 15)
+    assert (ck["epoch"], ck["global_step"]) == (1, 14) and state(run_dir / "last-previous.ckpt")["global_step"] == 12
+    assert leftovers(run_dir) == [] and not (run_dir / "metrics.json").exists()
+
+    second = subprocess.run(cmd + ["SIGUSR1", "val", "16"], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 128 + signal.SIGUSR1, second.stderr[-2000:]
+    assert "from last.ckpt (epoch 1, global step 14): the newest checkpoint" in second.stderr
+    assert "abp: stopped by SIGUSR1 at global step 16" in second.stderr
+    assert state(run_dir / "last.ckpt")["global_step"] == 16
+    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [0, 1]  # epoch 1's validation was finished
+
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert 'RESUMED_FROM {"epoch": 1, "global_step": 16}' in third.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 24
+    assert_same_training(run_dir, reference.run_dir)
+
+
+def test_cli_exit_status_of_a_preempted_run(monkeypatch, capsys):
+    from abp_core import cli, train
+    from abp_core.preemption import TrainingPreempted
+
+    def preempted(cfg):
+        raise TrainingPreempted(signal.SIGTERM, Path("runs/x/last.ckpt"), 1, 14)
+
+    monkeypatch.setattr(train, "run_training", preempted)
+    assert cli.main(["train", "trainer.max_epochs=1"]) == 143

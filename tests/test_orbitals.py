@@ -394,6 +394,52 @@ def test_cache_for_other_molecules_or_settings_is_refused(tmp_path, serial_label
     assert issubclass(OrbitalCacheMismatchError, ValueError)
 
 
+def _truncate(path: Path) -> bytes:
+    data = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(data)
+    return data
+
+
+def test_truncated_cache_is_set_aside_and_recomputed(tmp_path, monkeypatch, serial_labels):
+    data = make_data_list()
+    path = tmp_path / "t.npz"
+    serial_labels.save(path)
+    broken = _truncate(path)  # e.g. a partial copy from another machine
+    with pytest.raises(orb.OrbitalCacheCorruptError, match=rf"{path} is not a readable orbital-label file"):
+        OrbitalLabels.load(path)  # what AttachOrbitalLabels(path) reports too
+    counter = CallCounter(monkeypatch)
+    with pytest.warns(orb.OrbitalCacheWarning, match=rf"unreadable orbital-label cache file {path} .*kept as t\.npz\.corrupt"):
+        labels = label_orbitals(data, path, num_workers=1, chunk_size=3, progress=False)
+    assert counter.calls == len(data)
+    assert_labels_equal(labels, serial_labels)
+    assert (tmp_path / "t.npz.corrupt").read_bytes() == broken  # set aside, not deleted
+    assert OrbitalLabels.load(path).fingerprint == serial_labels.fingerprint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz", "t.npz.corrupt"]  # no temporary files
+
+
+def test_truncated_chunk_of_a_partial_cache_is_set_aside_and_recomputed(tmp_path, monkeypatch, serial_labels):
+    data = make_data_list()
+    path = tmp_path / "p.npz"
+    assert label_orbitals(data, path, num_workers=1, chunk_size=3, max_chunks=2, progress=False) is None
+    partial = Path(str(path) + ".partial")
+    chunk = partial / "chunk_000001.npz"
+    _truncate(chunk)
+    counter = CallCounter(monkeypatch)
+    with pytest.warns(orb.OrbitalCacheWarning, match=rf"{chunk} .*kept as chunk_000001\.npz\.corrupt"):
+        labels = label_orbitals(data, path, num_workers=1, chunk_size=3, progress=False)
+    assert counter.calls == len(data) - 3  # only chunk 0 was reused
+    assert_labels_equal(labels, serial_labels)
+    assert sorted(p.name for p in partial.iterdir()) == ["chunk_000001.npz.corrupt"]  # kept for inspection
+    # an unreadable description of a partial cache: its chunks cannot be trusted, all are set aside
+    other = tmp_path / "q.npz"
+    label_orbitals(data, other, num_workers=1, chunk_size=3, max_chunks=1, progress=False)
+    (Path(str(other) + ".partial") / "meta.json").write_text('{"format_version": 1, "meth')
+    with pytest.warns(orb.OrbitalCacheWarning, match=r"partial cache .*kept as q\.npz\.partial\.corrupt"):
+        labels = label_orbitals(data, other, num_workers=1, chunk_size=3, progress=False)
+    assert_labels_equal(labels, serial_labels)
+    assert (tmp_path / "q.npz.partial.corrupt" / "chunk_000000.npz").exists()
+
+
 def test_failed_molecules_are_recorded_and_reported(tmp_path, serial_labels):
     data = make_data_list()
     data[5].pos = data[5].pos.clone()

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections import OrderedDict
@@ -39,6 +38,8 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from torch_geometric.data import Data, InMemoryDataset
+
+from ..files import atomic_open
 
 logger = logging.getLogger("abp_core.data")
 
@@ -209,8 +210,8 @@ def download(url: str, path: str | os.PathLike, sha256: str | None = None, size:
     """Download ``url`` to ``path`` atomically, with a tqdm progress bar and checksum verification.
 
     The bytes go to a temporary file beside ``path``; the size and sha256 (when given) are checked and
-    only then is the file moved into place with :func:`os.replace`, so ``path`` is never left half
-    written. Without network the :class:`DataNotFoundError` names the URL, the expected path and the
+    only then is the file moved into place (:func:`abp_core.files.atomic_open`), so ``path`` is never
+    left half written. Without network the :class:`DataNotFoundError` names the URL, the expected path and the
     sha256, so the file can be placed by hand.
     """
     from tqdm.auto import tqdm
@@ -230,37 +231,31 @@ def download(url: str, path: str | os.PathLike, sha256: str | None = None, size:
             total = int(header.get("Content-Length"))
         except ValueError:
             total = None
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     h = hashlib.sha256()
     written = 0
-    try:
-        with os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                               desc=path.name, disable=not progress) as bar:
-            with response:
-                while True:
-                    try:
-                        chunk = response.read(1 << 20)
-                    except OSError as exc:
-                        raise DataNotFoundError(_missing_file_message(
-                            url, path, sha256, size,
-                            f"Download of {path.name} broke off after {written} bytes ({exc}).", note)) from exc
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    h.update(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
+    # the checks run inside the atomic write: a failed one removes the temporary file, path stays absent
+    with atomic_open(path) as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                        desc=path.name, disable=not progress) as bar:
+        with response:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except OSError as exc:
+                    raise DataNotFoundError(_missing_file_message(
+                        url, path, sha256, size,
+                        f"Download of {path.name} broke off after {written} bytes ({exc}).", note)) from exc
+                if not chunk:
+                    break
+                out.write(chunk)
+                h.update(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
         if size is not None and written != size:
             raise ChecksumError(f"{path}: downloaded {written} B from {url} but expected {size} B "
                                 f"(truncated download). Nothing was written to {path}.")
         if sha256 is not None and h.hexdigest().lower() != sha256.lower():
             raise ChecksumError(f"{path}: sha256 of the download from {url} is {h.hexdigest()}, "
                                 f"expected {sha256}. Nothing was written to {path}.")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     logger.info("downloaded %s (%d B) to %s", url, written, path)
     return path
 
@@ -280,21 +275,6 @@ def ensure_file(remote: RemoteFile, folder: Path, *, allow_download: bool = True
         raise DataNotFoundError(_missing_file_message(
             remote.url, path, remote.sha256, remote.size, f"Missing raw file {path.name}.", remote.note))
     return download(remote.url, path, remote.sha256, remote.size, progress=progress, note=remote.note)
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path`` and move it into place atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def file_fingerprint(paths: Iterable[Path]) -> list[list[Any]]:
@@ -593,7 +573,8 @@ class MolecularDataset(InMemoryDataset):
         if path is not None:
             payload = (data.to_dict(), slices, meta)
             try:
-                atomic_write_bytes(path, lambda f: torch.save(payload, f))
+                with atomic_open(path) as f:
+                    torch.save(payload, f)
             except OSError as exc:
                 logger.warning("%s: could not write cache %s (%s)", self.name, path, exc)
                 self.processed_path = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import atomic_open
 from .common import (DataFormatError, DataNotFoundError, MolecularDataset, RemoteFile, StorageBuilder,
                      ensure_file, validate_molecule)
 from .splits import torch_random_split
@@ -90,10 +90,8 @@ def fetch_raw(folder: Path, short: str, *, allow_download: bool = True, progress
             for info in zf.infolist():
                 base = Path(info.filename).name
                 if base in wanted and not info.is_dir():
-                    with zf.open(info) as src, tempfile.NamedTemporaryFile(dir=folder, prefix=f".{base}.",
-                                                                           delete=False) as tmp:
-                        shutil.copyfileobj(src, tmp)
-                    Path(tmp.name).replace(folder / base)
+                    with zf.open(info) as src, atomic_open(folder / base) as out:
+                        shutil.copyfileobj(src, out)
                     wanted.discard(base)
     except zipfile.BadZipFile as exc:
         raise DataFormatError(f"{archive}: not a readable zip file ({exc}); delete it and retry") from exc

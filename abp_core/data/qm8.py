@@ -26,12 +26,12 @@ import logging
 import re
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..files import atomic_open
 from .common import (DataFormatError, DataNotFoundError, MolecularDataset, RemoteFile, SkipLog,
                      StorageBuilder, check_atomic_numbers, ensure_file, validate_molecule)
 from .splits import check_paper_lengths, paper_torch_split
@@ -82,9 +82,8 @@ def _extract(archive: Path, folder: Path) -> None:
                 base = Path(member.name).name
                 if member.isfile() and base in wanted:
                     src = tar.extractfile(member)
-                    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{base}.", delete=False) as tmp:
-                        shutil.copyfileobj(src, tmp)
-                    Path(tmp.name).replace(folder / base)
+                    with atomic_open(folder / base) as out:
+                        shutil.copyfileobj(src, out)
                     wanted.discard(base)
     except tarfile.TarError as exc:
         raise DataFormatError(f"{archive}: not a readable tar archive ({exc})") from exc
