@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Iterator, List, Optional, Union
 
 __all__ = ["StorageError", "atomic_open", "atomic_path", "write_bytes", "write_text", "set_aside",
-           "remove_stale_temporaries", "describe_free_space"]
+           "remove_stale_temporaries", "describe_free_space", "refused_errno"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -98,8 +98,9 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _refused_errno(exc: BaseException) -> Optional[int]:
-    """The ENOSPC/EDQUOT/EROFS behind ``exc``, also when a writer wrapped it (torch raises RuntimeError)."""
+def refused_errno(exc: BaseException) -> Optional[int]:
+    """The ENOSPC/EDQUOT/EROFS behind ``exc`` (else ``None``), also when a writer wrapped it (torch raises
+    RuntimeError). For code that catches write errors inside :func:`atomic_path` and must let these through."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -177,7 +178,7 @@ def atomic_path(path: PathLike, keep_previous: Optional[PathLike] = None) -> Ite
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-        err = _refused_errno(exc)
+        err = refused_errno(exc)
         if err is not None:
             raise _storage_error(path, err, previous_kept, written) from exc
         raise

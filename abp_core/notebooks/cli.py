@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ..files import write_text
 from .grid import list_notebooks, notebook_dir, notebook_parameters, parse_grid_values, run_grid
 
 __all__ = ["register"]
@@ -53,7 +54,7 @@ def _cmd_run(args) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.max_colwidth", 60):
         print(df[cols].to_string(index=False))
     summary = Path(args.out) / "grid.csv"
-    df.drop(columns=["results"]).to_csv(summary, index=False)
+    write_text(summary, df.drop(columns=["results"]).to_csv(index=False))
     n_failed = int((df["status"] != "ok").sum())
     print(f"\n{len(df) - n_failed}/{len(df)} runs ok; table written to {summary}")
     return 1 if n_failed else 0

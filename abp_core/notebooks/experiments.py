@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from ..files import write_text
 from ..stats import format_mean_std
 from .datasets import DATASET_LABELS, DataStatus, load_dataset, resolve_data_root
 from .outputs import prepare_output_dir, quiet_training_logs, runs_directory, write_results
@@ -203,9 +204,9 @@ class ExperimentReport:
             return
         if self.output_dir:
             out = Path(self.output_dir)
-            self.summary.to_csv(out / "summary.csv", index=False)
+            write_text(out / "summary.csv", self.summary.to_csv(index=False))
             if self.beside_paper is not None:
-                self.beside_paper.to_csv(out / "beside_paper.csv", index=False)
+                write_text(out / "beside_paper.csv", self.beside_paper.to_csv(index=False))
             from ..viz import save_figure
 
             save_figure(fig, out / "mae", png=png)

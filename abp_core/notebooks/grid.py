@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..coercion import parse_yaml_text, split_top_level
+from ..files import atomic_path, refused_errno
 from .outputs import _jsonable, prepare_output_dir
 
 __all__ = ["notebook_dir", "list_notebooks", "notebook_parameters", "parse_grid_values", "run_grid"]
@@ -166,15 +167,18 @@ def run_grid(notebook: Union[str, Path], grid: Mapping[str, Sequence[Any]], outp
         out_nb = out_root / f"{name}.ipynb"
         row: Dict[str, Any] = {"run": name, **params, "status": "ok", "error": None}
         t0 = time.perf_counter()
-        try:
-            papermill.execute_notebook(str(nb_path), str(out_nb), parameters=run_params, kernel_name=kernel_name,
-                                       log_output=log_output, progress_bar=False,
-                                       cwd=str(cwd) if cwd is not None else None,
-                                       execution_timeout=execution_timeout)
-        except PapermillExecutionError as exc:
-            row.update(status="failed", error=f"{exc.ename}: {exc.evalue}")
-        except Exception as exc:  # noqa: BLE001 - kernel death, bad notebook ...: report, go on
-            row.update(status="failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}")
+        with atomic_path(out_nb) as tmp_nb:  # a failed run's notebook is kept too: it shows the error
+            try:
+                papermill.execute_notebook(str(nb_path), str(tmp_nb), parameters=run_params,
+                                           kernel_name=kernel_name, log_output=log_output, progress_bar=False,
+                                           cwd=str(cwd) if cwd is not None else None,
+                                           execution_timeout=execution_timeout)
+            except PapermillExecutionError as exc:
+                row.update(status="failed", error=f"{exc.ename}: {exc.evalue}")
+            except Exception as exc:  # noqa: BLE001 - kernel death, bad notebook ...: report, go on
+                if refused_errno(exc) is not None:  # a full disk fails every later run too
+                    raise
+                row.update(status="failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}")
         row["duration_s"] = round(time.perf_counter() - t0, 2)
         row["output_notebook"] = str(out_nb)
         row["output_dir"] = str(run_out)

@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Union
 
+from ..files import write_text
+
 __all__ = ["prepare_output_dir", "runs_directory", "quiet_training_logs", "write_results"]
 
 
@@ -104,9 +106,5 @@ def write_results(output_dir: Union[str, os.PathLike], results: Mapping[str, Any
 
     Every notebook writes its ``results.json`` this way; :func:`run_grid` collects them.
     """
-    out = prepare_output_dir(output_dir) / name
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(dict(results)), indent=2))
-    os.replace(tmp, out)
-    return out
+    return write_text(prepare_output_dir(output_dir) / name, json.dumps(_jsonable(dict(results)), indent=2))
 
