@@ -550,11 +550,9 @@ def save_html(view_or_html: Union[py3Dmol.view, str], path: Union[str, os.PathLi
               js_url: Optional[Union[str, os.PathLike]] = None, inline_js: bool = False,
               title: Optional[str] = None) -> Path:
     """Write :func:`standalone_html` of a view (or of its HTML) to ``path``; returns the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(standalone_html(view_or_html, js_url=js_url, inline_js=inline_js, title=title),
-                   encoding="utf-8")
-    return out
+    from .files import write_text
+
+    return write_text(path, standalone_html(view_or_html, js_url=js_url, inline_js=inline_js, title=title))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -778,8 +776,10 @@ def save_figure(fig: go.Figure, path: Union[str, os.PathLike], *, include_plotly
     """
     out = Path(path)
     html_path = out.with_suffix(".html")
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(html_path), include_plotlyjs=include_plotlyjs, full_html=True)
+    from .files import atomic_path
+
+    with atomic_path(html_path) as tmp:  # "directory" puts plotly.min.js beside it, in the same folder
+        fig.write_html(str(tmp), include_plotlyjs=include_plotlyjs, full_html=True)
     png_path = None
     if png:
         try:
@@ -788,7 +788,8 @@ def save_figure(fig: go.Figure, path: Union[str, os.PathLike], *, include_plotly
             log.info("PNG of %s skipped: kaleido is not installed (pip install kaleido)", html_path.name)
         else:
             try:
-                fig.write_image(str(out.with_suffix(".png")), scale=scale)
+                with atomic_path(out.with_suffix(".png")) as tmp:
+                    fig.write_image(str(tmp), scale=scale)
                 png_path = out.with_suffix(".png")
             except Exception as err:  # kaleido present but unusable (e.g. no browser for kaleido>=1)
                 log.warning("PNG of %s skipped: kaleido failed (%s)", html_path.name, err)
@@ -822,19 +823,20 @@ def html_to_png(html_path: Union[str, os.PathLike], png_path: Union[str, os.Path
     if chromium is None:
         log.info("PNG of %s skipped: no Chromium found (bash scripts/browser_deps.sh installs it)", html_path)
         return None
+    from .files import atomic_path
+
     html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
-    with tempfile.TemporaryDirectory(prefix="abp-chromium-") as profile:
-        args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--host-resolver-rules=MAP * ~NOTFOUND",
-                "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-                "--virtual-time-budget=8000", f"--screenshot={png_path}", html_path.as_uri()]
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="abp-chromium-") as profile, atomic_path(png_path) as shot:
+            args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--host-resolver-rules=MAP * ~NOTFOUND",
+                    "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
+                    "--virtual-time-budget=8000", f"--screenshot={shot}", html_path.as_uri()]
             proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("PNG of %s skipped: Chromium failed (%s)", html_path.name, exc)
-            return None
-    if proc.returncode != 0 or not png_path.is_file():
-        log.warning("PNG of %s skipped: Chromium exited with %s", html_path.name, proc.returncode)
+            if proc.returncode != 0 or shot.stat().st_size == 0:  # nothing is moved into place
+                raise ChildProcessError(f"exited with {proc.returncode}")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("PNG of %s skipped: Chromium failed (%s)", html_path.name, exc)
         return None
     return png_path
