@@ -487,12 +487,13 @@ def predict_file(checkpoint, molecules: Union[None, str, Path] = None, out: Unio
                  views: Optional[Union[str, Path]] = None, batch_size: int = 64,
                  weights_out: Optional[Union[str, Path]] = None, *, smiles: Optional[Sequence[str]] = None,
                  optimize: str = "mmff", method: Optional[str] = None,
-                 geometries_out: Optional[Union[str, Path]] = None) -> PredictionResult:
+                 geometries_out: Optional[Union[str, Path]] = None, device: Optional[str] = None) -> PredictionResult:
     """:func:`predict` and write ``out`` (+ ``<out>_atom_weights.csv``, ``<out>_geometries.sdf`` for molecules
     embedded from SMILES, and HTML views if asked)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PredictionWarning)  # reported through res.messages
-        res = predict(checkpoint, molecules, batch_size=batch_size, smiles=smiles, optimize=optimize, method=method)
+        res = predict(checkpoint, molecules, batch_size=batch_size, device=device, smiles=smiles, optimize=optimize,
+                      method=method)
     out = Path(out)
     res.out = _write_csv(res.predictions, out)
     res.geometries_path = _write_geometries(res._mols, Path(geometries_out) if geometries_out
@@ -545,6 +546,40 @@ class ExplanationResult:
     views: List[Path] = field(default_factory=list)
     files: Dict[str, Path] = field(default_factory=dict)
     molecules: List[Molecule] = field(default_factory=list, repr=False)
+
+    @property
+    def predicted(self) -> List[int]:
+        """Indices of the molecules that were predicted (``status == "ok"``)."""
+        return [i for i, m in enumerate(self.molecules) if m.status == "ok"]
+
+    def view(self, i: int, **kwargs):
+        """3D view of molecule ``i``: attribution | xTB share of the model's orbital on ONE colour scale
+        (:func:`abp_core.viz.side_by_side`), or the attribution alone without orbital shares."""
+        from .viz import attention_view, side_by_side
+
+        mol = self.molecules[i]
+        if mol.status != "ok":
+            raise ValueError(f"molecule {i} ({mol.name!r}) was not predicted ({mol.status}): {mol.message}")
+        rows = self.attributions[self.attributions["molecule"] == i]
+        a = rows["attribution"].to_numpy()
+        title = f"{mol.name} ({mol.smiles})" if mol.smiles and mol.smiles != mol.name else mol.name
+        share = rows[f"{self.orbital}_share"].to_numpy() if self.orbital else None
+        if share is not None and np.isfinite(share).all():
+            return side_by_side(mol.z, mol.pos, {f"{self.method} attribution": a,
+                                                 f"GFN2-xTB {self.orbital.upper()} share": share},
+                                shared_scale=True, title=title, value_label="per-atom share (sums to 1)", **kwargs)
+        return attention_view(mol.z, mol.pos, a, title=title, value_label=f"{self.method} attribution", **kwargs)
+
+    def records(self) -> pd.DataFrame:
+        """Per-atom ``molecule, atom, element, weight`` (the attribution) and ``coefficient`` (the xTB share of
+        the model's orbital), as :func:`abp_core.viz.scatter_attention_vs_coefficients` takes them."""
+        if not self.orbital:
+            raise ValueError("no orbital shares: explain with orbitals=True a model of the HOMO or LUMO energy")
+        df = self.attributions.rename(columns={"atom_index": "atom", "attribution": "weight",
+                                               f"{self.orbital}_share": "coefficient"})
+        df = df[np.isfinite(df["coefficient"].to_numpy())]
+        df["molecule"] = df["name"]
+        return df[["molecule", "atom", "element", "weight", "coefficient"]].reset_index(drop=True)
 
 
 def _model_orbital(target_names: Sequence[str]) -> Optional[str]:
@@ -619,22 +654,5 @@ def explain_molecules(model, molecules: Union[None, str, Path, Sequence[Molecule
 
 
 def _explanation_views(result: ExplanationResult, folder: Path) -> List[Path]:
-    from .viz import attention_view, side_by_side
-
-    paths = []
-    att = result.attributions
-    for i, mol in enumerate(result.molecules):
-        if mol.status != "ok":
-            continue
-        rows = att[att["molecule"] == i]
-        a = rows["attribution"].to_numpy()
-        title = f"{mol.name} ({mol.smiles})" if mol.smiles and mol.smiles != mol.name else mol.name
-        share = rows[f"{result.orbital}_share"].to_numpy() if result.orbital else None
-        if share is not None and np.isfinite(share).all():
-            view = side_by_side(mol.z, mol.pos, {f"{result.method} attribution": a,
-                                                 f"GFN2-xTB {result.orbital.upper()} share": share},
-                                shared_scale=True, title=title, value_label="per-atom share (sums to 1)")
-        else:
-            view = attention_view(mol.z, mol.pos, a, title=title, value_label=f"{result.method} attribution")
-        paths.append(_save_view(view, folder / f"{i:05d}_{_slug(mol.name)}.html", result.messages))
-    return paths
+    return [_save_view(result.view(i), folder / f"{i:05d}_{_slug(result.molecules[i].name)}.html", result.messages)
+            for i in result.predicted]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -308,7 +309,7 @@ def export_run(run_dir: Union[str, Path], name: str, *, epoch_log: Sequence[Dict
                                               if rows_hist is not None else None),
                      "torch_threads": int(epoch_log[0].get("threads", 1)) if epoch_log else None,
                      "measured_step_s": measure_log[0]["s_per_step"] if measure_log else None,
-                     "hardware": f"{platform.machine()} CPU, no GPU ({platform.processor() or 'unknown model'})",
+                     "hardware": f"{_cpu_name()}, {os.cpu_count()} cores shared with other jobs, no GPU",
                      "budget": (f"all shipped models together: about {budget_minutes:.0f} minutes of one-thread training "
                                 f"on a shared 2-core machine (the issue allowed up to two hours on 2 cores); width, "
                                 f"depth and epochs were chosen from the measured step time. The paper trained "
@@ -359,6 +360,16 @@ def write_card(info: Dict[str, Any], directory: Optional[Union[str, Path]] = Non
                       json.dumps(info, indent=2, ensure_ascii=False, default=_json_default) + "\n")
     path.chmod(0o644)
     return path
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or f"{platform.machine()} CPU"
 
 
 def _json_default(value):

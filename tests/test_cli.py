@@ -152,3 +152,56 @@ def test_subcommand_registry_and_usage(capsys, monkeypatch):
     assert main([]) == 2
     assert main(["table", str(Path("/nonexistent/runs"))]) == 2
     assert "runs directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# shipped models: abp models, abp predict/explain from SMILES
+# ------------------------------------------------------------------------------------------------
+def test_models_lists_the_shipped_models_with_their_test_mae(capsys):
+    from abp_core import pretrained
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in pretrained.available():
+        line = next(ln for ln in out.splitlines() if ln.startswith(name))
+        assert f"{pretrained.card(name)['metrics']['test']['mae_meV']:.1f}" in line
+    assert main(["models", "--card", "qm9-homo-abp"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"]["seed"] == 844249
+    assert main(["models", "--card", "qm9-gap-abp"]) == 2
+    assert "no shipped model named 'qm9-gap-abp'" in capsys.readouterr().err
+
+
+def test_predict_and_explain_smiles_with_a_shipped_model(tmp_path, capsys):
+    smiles = ["CC(=O)C", "c1ccncc1", "CCCl", "[NH4+]", "C" * 25, "C1=CC=CC1("]
+    out = tmp_path / "p.csv"
+    assert main(["predict", "qm9-homo-abp", "--smiles", *smiles, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    p = pd.read_csv(out).set_index("name")
+    assert p["status"].tolist() == ["ok", "ok", "unknown_element", "charged", "too_large", "invalid_smiles"]
+    assert p.loc["CC(=O)C", "homo [eV]"] == pytest.approx(-6.62, abs=0.4)  # acetone: QM9 molecule 17, -6.62 eV
+    assert "4 molecule(s) not predicted" in captured.err and "too_large): 25 heavy atoms" in captured.err
+    assert f"geometries used -> {tmp_path / 'p_geometries.sdf'}" in captured.out
+
+    folder = tmp_path / "explained"
+    assert main(["explain", "qm9-homo-abp", "--smiles", "CC(=O)C", "c1ccncc1", "[CH3]", "--out", str(folder),
+                 "--orbitals"]) == 0
+    captured = capsys.readouterr()
+    assert "explained 2/3 molecules (rollout)" in captured.out and "'[CH3]' not predicted (radical)" in captured.err
+    att = pd.read_csv(folder / "attributions.csv")
+    assert (att["method"] == "rollout").all() and set(att["name"]) == {"CC(=O)C", "c1ccncc1"}
+    sums = att.groupby("molecule")[["attribution", "homo_share", "lumo_share"]].sum().to_numpy()
+    assert sums == pytest.approx(np.ones_like(sums), abs=1e-5)
+    acetone = att[att["name"] == "CC(=O)C"]
+    assert acetone.loc[acetone["homo_share"].idxmax(), "element"] == "O"  # the lone pair of the carbonyl O
+    views = sorted((folder / "views").glob("*.html"))
+    assert [v.name for v in views] == ["00000_CC-O-C.html", "00001_c1ccncc1.html"]
+    html = views[0].read_text()
+    assert "rollout attribution" in html and "GFN2-xTB HOMO share" in html and "shared scale" in html
+    from abp_core.viz import local_3dmol_js
+
+    if local_3dmol_js() is not None:  # offline: 3Dmol.js is embedded, no script comes from the network
+        assert not re.search(r"<script[^>]*src=[\"']https?:", html) and len(html) > 500_000
+    else:
+        assert "views load 3Dmol.js from its CDN" in captured.err
+    pred = pd.read_csv(folder / "predictions.csv")
+    assert pred["xtb_homo_eV"].notna().sum() == 2 and (folder / "geometries.sdf").is_file()

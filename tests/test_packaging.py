@@ -70,6 +70,19 @@ def test_binder_files_parse():
     assert (ROOT / "notebooks" / "00_quickstart.ipynb").exists(), "Binder opens the quickstart notebook"
 
 
+def test_binder_opens_the_quickstart_next_to_your_molecules():
+    import json
+
+    ws = json.loads((ROOT / "binder" / "workspace.json").read_text())
+    assert "jupyter lab workspaces import binder/workspace.json" in (ROOT / "binder" / "postBuild").read_text()
+    assert f"urlpath=lab/workspaces/{ws['metadata']['id']}" in (ROOT / "README.md").read_text()
+    tabs = ws["data"]["layout-restorer:data"]["main"]["dock"]["children"]
+    opened = [w.split(":", 1)[1] for tab in tabs for w in tab["widgets"]]
+    assert opened == ["notebooks/00_quickstart.ipynb", "notebooks/09_your_molecules.ipynb"]
+    for path in opened:
+        assert (ROOT / path).is_file() and ws["data"][f"notebook:{path}"]["data"]["path"] == path
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
