@@ -18,9 +18,10 @@ SchNet is CPU-sized (64 channels, 64 filters, 3 interactions, cutoff 5 Å) inste
 whole set gets ABP_BUDGET_MIN (default 75) minutes of one-thread training. Width, depth and epochs
 come from ``measure`` (see ``EPOCHS`` below and the model cards, which record the measured epoch times).
 
-Models in priority order: qm9-homo-abp, qm9-homo-wa, qm9-homo-sum, qm9-lumo-abp, then qm9-lumo-wa and
-qm9-lumo-sum, each started only if the budget left covers its predicted time (the mean measured
-epoch time of the same readout so far, else ``measure``'s estimate).
+Models in priority order: qm9-homo-abp, qm9-homo-wa, qm9-homo-sum, qm9-lumo-abp (always trained), then
+qm9-lumo-wa and qm9-lumo-sum, each started only if the budget left covers its predicted time (the mean
+measured epoch time of the same readout so far, else ``measure``'s estimate). Epoch times are wall-clock
+on a shared machine: other jobs' load (logged with each epoch) stretches them.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ SPLIT_SEED = 844249
 EPOCHS = int(os.environ.get("ABP_PRETRAINED_EPOCHS", 7))
 BUDGET_MIN = float(os.environ.get("ABP_BUDGET_MIN", 75))
 MODELS = ["qm9-homo-abp", "qm9-homo-wa", "qm9-homo-sum", "qm9-lumo-abp", "qm9-lumo-wa", "qm9-lumo-sum"]
+#: Trained whatever the budget says (the issue asks for them); the others only while the budget allows.
+REQUIRED = MODELS[:4]
 RUNS = ROOT / "runs" / "pretrained"
 LOG = RUNS / "timing.jsonl"
 
@@ -102,7 +105,7 @@ class EpochTimes(Callback):
         mae = next((v for k, v in summary.items() if k.startswith("val_mae")), float("nan"))
         log({"phase": "epoch", "model": self.name, "readout": self.name.split("-")[2],
              "epoch": int(trainer.current_epoch), "seconds": time.perf_counter() - self.t0,
-             "val_mae_eV": mae, "threads": torch.get_num_threads()})
+             "val_mae_eV": mae, "threads": torch.get_num_threads(), "loadavg": os.getloadavg()[0]})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,7 +155,7 @@ def train(names) -> None:
         cfg = config_for(name)
         predicted = predicted_minutes(name)
         done = any(r["model"] == name for r in records("run"))
-        if not done and used + predicted > BUDGET_MIN * 1.05:
+        if not done and name not in REQUIRED and used + predicted > BUDGET_MIN * 1.05:
             log({"phase": "skip", "model": name, "reason": f"budget: {used:.1f} min used + {predicted:.1f} "
                  f"predicted > {BUDGET_MIN:.0f} min"})
             continue
