@@ -29,7 +29,7 @@ def _keep_torch_threads():
 
 
 EXPECTED = ["00_quickstart", "01_qm7b", "02_qm8", "03_qm9_homo_lumo", "04_qmugs", "05_md17", "06_oe62_owa",
-            "07_qm7b_wa_vs_abp", "08_attention_vs_orbitals"]
+            "07_qm7b_wa_vs_abp", "08_attention_vs_orbitals", "09_your_molecules"]
 
 
 # ------------------------------------------------------------------------------------------------
