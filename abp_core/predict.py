@@ -616,6 +616,8 @@ def explain_molecules(model, molecules: Union[None, str, Path, Sequence[Molecule
         warnings.simplefilter("ignore", PredictionWarning)
         res = predict(task, molecules, batch_size=batch_size, smiles=smiles, optimize=optimize, method=method)
     mols = res._mols
+    if res.atom_weights is None:  # only without abp_core.explain, for a readout that has no weights
+        raise MethodError(f"no per-atom attribution for the {task.cfg.model.readout} readout without abp_core.explain")
     att = res.atom_weights.rename(columns={"weight": "attribution"})
     att["method"] = method
     orbital = _model_orbital(task.hparams["target_names"]) if orbitals else None
