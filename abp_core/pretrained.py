@@ -305,6 +305,11 @@ def export_run(run_dir: Union[str, Path], name: str, *, epoch_log: Sequence[Dict
                      "wall_time_s": round(metrics["wall_time_s"], 1),
                      "epoch_times_s": [round(s, 1) for s in secs],
                      "mean_epoch_time_s": round(float(np.mean(secs)), 1) if secs else None,
+                     "load_average_per_epoch": ([round(float(r["loadavg"]), 2) for r in epoch_log]
+                                                if epoch_log and all("loadavg" in r for r in epoch_log) else None),
+                     "epoch_time_note": "wall-clock seconds on a machine shared with other jobs (2 cores): "
+                                        "their load (load_average_per_epoch, where logged) stretches them; "
+                                        "measured_step_s is the one-thread step time measured before training",
                      "val_mae_per_epoch_eV": ([round(float(v), 5) for v in rows_hist.filter(like="val_mae").iloc[:, 0]]
                                               if rows_hist is not None else None),
                      "torch_threads": int(epoch_log[0].get("threads", 1)) if epoch_log else None,
