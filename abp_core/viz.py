@@ -11,7 +11,9 @@ The notebooks call these functions and hold no plotting logic themselves.
   one, all follow), e.g. ABP attention | WA weights | GFN2-xTB HOMO shares, on ONE shared colour
   scale by default, with panel titles and a colour bar (HTML) around the grid.
 * Both return a :class:`MoleculeView`, a :class:`py3Dmol.view` that also draws its title and
-  legend: it renders in JupyterLab like any py3Dmol view and exports with :func:`save_html`.
+  legend: it renders in JupyterLab like any py3Dmol view and exports with :func:`save_html`. In a
+  notebook it loads 3Dmol.js from the Jupyter server's local copy, offline (:mod:`abp_core.threedmol`;
+  the CDN only as the last resort, with a note under the view).
 * :func:`attention_view_html` / :func:`standalone_html` / :func:`save_html` -- a standalone HTML
   page. By default 3Dmol.js comes from py3Dmol's CDN URL (the page then needs internet). With
   ``js_url`` (a URL, a relative path, or a local file path that becomes a ``file://`` URL) it is
@@ -49,6 +51,8 @@ import plotly.colors as pcolors
 import plotly.graph_objects as go
 import py3Dmol
 
+from . import threedmol
+
 __all__ = [
     "MoleculeView",
     "ViewInfo",
@@ -74,8 +78,8 @@ log = logging.getLogger(__name__)
 
 #: The 3Dmol.js URL py3Dmol loads by default (its CDN, pinned to py3Dmol's version).
 DEFAULT_JS_URL: str = inspect.signature(py3Dmol.view.__init__).parameters["js"].default
-#: Where ``scripts/browser_deps.sh`` puts the local copy of 3Dmol.js, relative to the repository.
-LOCAL_JS_RELATIVE = Path(".cache/3dmol/node_modules/3dmol/build/3Dmol-min.js")
+#: Where npm puts its copy of 3Dmol.js (``scripts/fetch_3dmol.sh``), relative to the repository.
+LOCAL_JS_RELATIVE = threedmol.NPM_JS_RELATIVE
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _MARK_BEGIN, _MARK_END = "<!-- abp:3dmol-js -->", "<!-- /abp:3dmol-js -->"
@@ -260,12 +264,20 @@ class MoleculeView(py3Dmol.view):
                  info: Optional[ViewInfo] = None):
         super().__init__(width=width, height=height, viewergrid=viewergrid, js=js_url or DEFAULT_JS_URL)
         self._abp_header, self._abp_footer = header, footer
+        self._abp_js_url = js_url or DEFAULT_JS_URL
         self.abp = info
 
-    def _make_html(self) -> str:
+    def _page_html(self) -> str:
+        """The view as py3Dmol writes it (3Dmol.js from ``js_url``, default its CDN), with header and legend:
+        the fragment :func:`standalone_html` turns into a page."""
         inner = super()._make_html()
         return (f'<div class="abp-view" style="display:inline-block;font-family:sans-serif;color:#222">\n'
                 f"{self._abp_header}{inner}{self._abp_footer}</div>\n")
+
+    def _make_html(self) -> str:
+        """The view for notebook display (``show()``, rich display): 3Dmol.js from the page, the Jupyter
+        server's local copy, or the CDN as the last resort, with a visible note (:mod:`abp_core.threedmol`)."""
+        return threedmol.notebook_html(self._page_html(), self.uniqueid, self._abp_js_url)
 
     def to_html(self, js_url: Optional[str] = None, inline_js: bool = False, title: Optional[str] = None) -> str:
         """Standalone HTML page of this view (see :func:`standalone_html`)."""
@@ -446,14 +458,10 @@ def side_by_side(z: Any, pos: Any, panels: Mapping[str, Any], shared_scale: bool
 # standalone HTML
 # ----------------------------------------------------------------------------------------------
 def local_3dmol_js() -> Optional[Path]:
-    """A local copy of 3Dmol.js: ``$ABP_3DMOL_JS``, else ``.cache/3dmol/...`` in the repository
-    or the current directory (made by ``scripts/browser_deps.sh``); None if there is none."""
-    env = os.environ.get("ABP_3DMOL_JS")
-    candidates = ([Path(env)] if env else []) + [_REPO_ROOT / LOCAL_JS_RELATIVE, Path.cwd() / LOCAL_JS_RELATIVE]
-    for p in candidates:
-        if p.is_file() and p.stat().st_size > 0:
-            return p.resolve()
-    return None
+    """A local copy of 3Dmol.js: ``$ABP_3DMOL_JS``, else the package data copy ``abp_core/static/3dmol/``
+    (fetched by ``make install``), else ``.cache/3dmol/...``; None if there is none
+    (:func:`abp_core.threedmol.local_3dmol_js`)."""
+    return threedmol.local_3dmol_js()
 
 
 def _as_url(js: Union[str, os.PathLike]) -> str:
@@ -505,7 +513,7 @@ def standalone_html(view_or_html: Union[py3Dmol.view, str], *, js_url: Optional[
     script and no other script URL remains in it.
     """
     if isinstance(view_or_html, py3Dmol.view):
-        body = view_or_html._make_html()
+        body = view_or_html._page_html() if isinstance(view_or_html, MoleculeView) else view_or_html._make_html()
         info = getattr(view_or_html, "__dict__", {}).get("abp")
         title = title or (info.title if info is not None and info.title else None)
     elif isinstance(view_or_html, str):

@@ -28,13 +28,36 @@ def pyproject_reqs():
     return _reqs(meta["dependencies"] + extras["dev"] + extras["dft"])
 
 
+#: conda-forge names of PyPI packages (where they differ after canonicalisation).
+CONDA_TO_PYPI = {"pytorch": TORCH, "tblite-python": "tblite", "pytorch_geometric": "torch-geometric"}
+#: conda packages that are not Python dependencies of the package (toolchains).
+CONDA_ONLY = {"python", "pip", "cxx-compiler", "nodejs"}
+
+
+def conda_spec(entry: str):
+    """``"conda-forge::pytorch=2.13.0=cpu_*"`` -> (``"torch"``, ``"==2.13.0"``); ``rdkit>=2024.3`` as is."""
+    spec = entry.split("#")[0].strip().split("::", 1)[-1]
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", spec)
+    name, rest = m.group(1), m.group(2).strip()
+    if rest.startswith("=") and not rest.startswith("=="):
+        rest = "==" + rest[1:].split("=", 1)[0]  # conda's name=version=build: the version
+    return canonicalize_name(CONDA_TO_PYPI.get(name, name)), rest
+
+
 def environment_reqs():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert "pytorch" not in env["channels"], "PyTorch's own conda channel stopped at 2.5: torch comes from conda-forge"
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     reqs = _reqs(pip)
     conda = [d for d in env["dependencies"] if isinstance(d, str)]
-    torch_pin = next(d for d in conda if re.match(r"(pytorch::)?pytorch=", d))
-    reqs[TORCH] = "==" + torch_pin.split("=", 1)[1]
+    for entry in conda:
+        assert not entry.startswith("pytorch::"), entry
+        name, spec = conda_spec(entry)
+        if name in CONDA_ONLY:
+            continue
+        assert name not in reqs, f"{name} both from conda and from pip"
+        reqs[name] = spec
+    assert any(re.fullmatch(r"(conda-forge::)?pytorch=2\.13\.0=cpu_\*", d) for d in conda), "CPU torch from conda-forge"
     assert any(d.startswith("python=3.11") for d in conda)
     assert "-e ." in pip, "environment.yml's pip section must install the package itself"
     return reqs
