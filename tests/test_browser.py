@@ -173,3 +173,38 @@ def test_cdn_page_needs_the_network(browser, tmp_path):
     assert requests and all("3dmol" in u.lower() for u in requests), requests
     mol = image[:MARGIN + 360, :MARGIN + 420]
     assert _saturated(mol).sum() < 50 and _near(mol, VIRIDIS_TOP).sum() == 0
+
+
+def _notebook_page(view, path: Path) -> Path:
+    """The view's notebook output (what ``show()`` publishes) in a bare page: a front-end with no Jupyter
+    server, as VS Code shows notebook outputs."""
+    path.write_text("<!DOCTYPE html>\n<html><body style=\"margin:8px\">\n" + view._make_html() + "</body></html>\n")
+    return path
+
+
+def test_notebook_output_inline_renders_without_a_server(browser, tmp_path, monkeypatch):
+    chromium, _ = browser
+    monkeypatch.setenv("ABP_3DMOL", "inline")
+    view = viz.attention_view(ETHANOL_Z, ETHANOL_POS, ETHANOL_W, width=420, height=360)
+    page = _notebook_page(view, tmp_path / "inline.html")
+    image, requests = _render(chromium, page, tmp_path, (436, 480))
+    assert requests == [], requests
+    mol = image[:MARGIN + 360, :MARGIN + 420]
+    assert _saturated(mol).sum() > 1500 and _near(mol, VIRIDIS_TOP).sum() > 150
+
+
+def test_notebook_output_offline_without_a_local_source_says_so(browser, tmp_path, monkeypatch):
+    """No Jupyter server and no internet: the view explains itself instead of staying blank."""
+    chromium, _ = browser
+    monkeypatch.delenv("ABP_3DMOL", raising=False)
+    view = viz.attention_view(ETHANOL_Z, ETHANOL_POS, ETHANOL_W, width=420, height=360)
+    page = _notebook_page(view, tmp_path / "offline.html")
+    dom = tmp_path / "offline.dom.html"
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={tmp_path / 'profile-dom'}",
+            "--virtual-time-budget=8000", "--dump-dom", page.as_uri()]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    dom.write_text(proc.stdout)
+    assert 'class="abp-3dmol-error"' in proc.stdout and "could not be loaded" in proc.stdout, proc.stdout[-2000:]
+    assert "make lab" in proc.stdout
