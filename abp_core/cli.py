@@ -352,9 +352,9 @@ def _cmd_models(args) -> int:
         print("no shipped models in this installation")
         return 1
     with pd.option_context("display.max_columns", 20, "display.width", 200):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="-"))
     print("\ntest MAE/RMSE in meV on the paper's QM9 split 844249 (13,084 test molecules); paper = Table 1, "
-          "same readout (SchNet 256/256/8). Card: abp models --card NAME")
+          "same readout (SchNet 256/256/8; '-': no such row). Card: abp models --card NAME")
     return 0
 
 

@@ -163,7 +163,7 @@ def test_models_lists_the_shipped_models_with_their_test_mae(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     for name in pretrained.available():
-        line = next(ln for ln in out.splitlines() if ln.startswith(name))
+        line = next(ln for ln in out.splitlines() if ln.split()[:1] == [name])
         assert f"{pretrained.card(name)['metrics']['test']['mae_meV']:.1f}" in line
     assert main(["models", "--card", "qm9-homo-abp"]) == 0
     assert json.loads(capsys.readouterr().out)["split"]["seed"] == 844249
