@@ -297,9 +297,10 @@ class AttributionStudy:
                                    textposition="top center"))
         fig.add_vline(x=1.0, line_dash="dash", annotation_text="random order")
         fig.add_hline(y=float(self.baseline["pearson_r"].mean()), line_dash="dot", annotation_text="random weights")
-        fig.update_layout(title=f"Orbital-like (mean r with {self.coefficient_label}) vs faithful (deletion area "
-                                "/ random)", xaxis_title="deletion area / random orders (> 1: faithful)",
-                          yaxis_title="mean per-molecule Pearson r", template="plotly_white", width=720, height=480)
+        fig.update_layout(title="Orbital-like vs faithful, one point per (readout, method)",
+                          xaxis_title="deletion area / random orders (> 1: faithful)",
+                          yaxis_title=f"mean per-molecule Pearson r with {self.coefficient_label}",
+                          template="plotly_white", width=760, height=520)
         return fig
 
     def picker(self, readout: Optional[str] = None, k: int = 5, method: Optional[str] = None):
