@@ -63,11 +63,9 @@ def enable(prefix: Optional[Union[str, os.PathLike]] = None) -> Path:
     refuses an extension that no config file names yet, hence this.)"""
     folder = Path(prefix or sys.prefix) / "etc" / "jupyter" / "jupyter_server_config.d"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CONFIG_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_CONFIG, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from .files import write_text
+
+    return write_text(folder / CONFIG_NAME, json.dumps(_CONFIG, indent=2) + "\n")
 
 
 if __name__ == "__main__":
