@@ -204,14 +204,23 @@ def molecule_table(blocks: Sequence[Tuple[int, int, int, int]]) -> Tuple[Tensor,
 
 def _check(table: Tuple[Tensor, Tensor], rows: int) -> Tuple[Tensor, Tensor]:
     starts, sizes = table
+    checked = getattr(starts, "_abp_checked", None)  # (sizes, last row): a table is used by several calls
+    if checked is not None and checked[0] is sizes and checked[1] <= rows:
+        return starts, sizes
     if starts.shape != sizes.shape or starts.dim() != 1 or starts.dtype != torch.int64 or sizes.dtype != torch.int64:
         raise ValueError("the molecule table must be two int64 vectors of equal length (see molecule_table)")
+    if starts.device.type != "cpu" or sizes.device.type != "cpu":
+        raise ValueError(f"the molecule table must be on the CPU, got {starts.device} and {sizes.device}")
+    end = 0
     if starts.numel():
         if int(sizes.min()) < 1 or int(starts.min()) < 0:
             raise ValueError("the molecule table has an empty molecule or a negative first row")
-        if int((starts + sizes).max()) > rows:
-            raise ValueError(f"molecule table reaches row {int((starts + sizes).max())} of a {rows}-row tensor")
-    return starts.contiguous(), sizes.contiguous()
+        end = int((starts + sizes).max())
+        if end > rows:
+            raise ValueError(f"molecule table reaches row {end} of a {rows}-row tensor")
+    starts, sizes = starts.contiguous(), sizes.contiguous()
+    starts._abp_checked = (sizes, end)  # tables are built once per forward and never modified in place
+    return starts, sizes
 
 
 def _lib() -> ctypes.CDLL:

@@ -12,6 +12,7 @@ depend on which other molecules share its batch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -37,6 +38,10 @@ __all__ = [
     "MultiheadAttentionBlock",
     "InducedSetAttentionBlock",
     "SetLayout",
+    "SET_ATTENTION_PATHS",
+    "set_attention_path",
+    "forced_set_attention_path",
+    "padded_self_attention",
     "READOUTS",
     "build_readout",
 ]
@@ -215,33 +220,84 @@ class OrbitalWeightedAveragePooling(WeightedAveragePooling):
 
 
 class SetLayout:
-    """Size-sorted packing of a mini-batch's atoms for attention without padding.
+    """How a mini-batch's atoms are laid out for ABP's set attention: one of three paths.
 
-    Molecules are ordered by size (stably) and their atoms packed in that order, so
-    that every run of equal-size molecules is one contiguous block of rows, a zero-copy
-    ``[B, n, C]`` view. Attention runs per block (no padding, no masks), and every
-    linear layer runs on all packed atoms at once. Atoms are permuted once on entry
-    (skipped when the batch is already size-sorted) and only molecule-level rows are
-    permuted back.
+    The path (:func:`set_attention_path`, the one place that chooses) decides the order of the
+    packed atoms and how attention runs:
+
+    * ``"native"`` (CPU, float32, native kernels): atoms stay in the batch's order; self-attention
+      is one native-kernel call per group of a few thousand rows, with a per-molecule table
+      (first row, size) built once per forward from the batch vector.
+    * ``"padded"`` (CUDA and other non-CPU devices): atoms stay in the batch's order; self-attention is one call of
+      :func:`torch.nn.functional.scaled_dot_product_attention` on ``[M', n_max]`` padded sets with a
+      key mask (padded queries are computed and dropped, padded keys get zero weight).
+    * ``"blocks"`` (CPU fallback: float64, bf16 autocast, dropout, head dimensions the native kernel
+      lacks): molecules sorted by size (stably), their atoms packed in that order, so that every run
+      of equal-size molecules is one contiguous block of rows, a zero-copy ``[B, n, C]`` view;
+      attention runs per block (no padding, no masks).
+
+    In every path the linear layers run on all packed atoms at once, and the PMA's per-molecule
+    softmax and weighted sums run on ``[M', n_max]`` padded scores (small: ``k * heads`` columns).
+    Only the ``"blocks"`` path permutes atoms (once on entry; skipped when the batch is already
+    size-sorted) and molecule rows back. Host synchronisations: one per forward (the number of
+    non-empty molecules and the largest size, which fix the padded shapes), plus the block plan
+    (``counts.tolist()``) in the ``"blocks"`` path.
 
     Attributes:
+        path: ``"native"``, ``"padded"`` or ``"blocks"``.
         num_molecules: molecule slots ``M`` (including empty ones).
+        num_present: molecules with at least one atom ``M'``.
+        num_atoms: packed rows ``N``.
+        n_max: atoms of the largest molecule.
         counts: atoms per molecule ``[M]``.
-        buckets: ``(first_row, first_molecule, B, n)`` per block of ``B`` molecules
-            of ``n`` atoms, in sorted order.
-        rows: ``B * n`` per block (for :meth:`torch.Tensor.split`).
-        molecules: sorted position -> molecule id ``[M']`` (empty molecules excluded).
-        atom_order: sorted row -> original atom index ``[N]`` (``None`` when identical).
-        identity: molecules are already size-sorted and none is empty (no permutation at all).
+        molecule_sizes / first_rows: size and first packed row of every present molecule ``[M']``
+            (packed order).
+        molecules: packed position -> molecule id ``[M']`` (empty molecules excluded).
+        atom_order: packed row -> original atom index ``[N]`` (``None`` when identical).
+        identity: packed order is the batch's and no molecule is empty (no permutation at all).
+        buckets: ``"blocks"`` path only (else ``None``): ``(first_row, first_molecule, B, n)`` per
+            block of ``B`` molecules of ``n`` atoms, in sorted order.
+        rows / sizes: ``"blocks"`` path only: ``B * n`` per block; size per sorted molecule (lists).
     """
 
-    def __init__(self, batch: Tensor, num_molecules: int, max_ratio: float = 1.0):
+    def __init__(self, batch: Tensor, num_molecules: int, max_ratio: float = 1.0, path: str = "blocks"):
+        if path not in SET_ATTENTION_PATHS:
+            raise ValueError(f"path must be one of {SET_ATTENTION_PATHS}, got {path!r}")
         device = batch.device
-        counts = torch.bincount(batch, minlength=num_molecules)
+        self.path = path
+        self.num_molecules = num_molecules
+        self.num_atoms = batch.numel()
+        # counts by index_add: no host sync (bincount on CUDA reads the maximum first)
+        counts = torch.zeros(num_molecules, dtype=torch.long, device=device).index_add_(
+            0, batch, torch.ones_like(batch, dtype=torch.long))
+        self.counts = counts
+        self._atom_inverse = None
+        self._dense_index = None
+        self._groups = None
+        self._key_mask = None
+        if path == "blocks":
+            self._plan_blocks(counts, device)
+            return
+        present = counts > 0
+        num_present, n_max = torch.stack([present.sum(), counts.max()]).tolist()  # the one host sync
+        self.identity = num_present == num_molecules
+        self.n_max = n_max
+        self.buckets = self.rows = self.sizes = None
+        self.atom_order = None
+        starts = torch.cumsum(counts, 0) - counts
+        if self.identity:
+            self.molecules = torch.arange(num_molecules, device=device)
+            self.molecule_sizes, self.first_rows = counts, starts
+            self._atom_molecule = batch
+        else:  # empty slots: positions among the present molecules
+            self.molecules = present.nonzero().squeeze(1)
+            self.molecule_sizes, self.first_rows = counts[self.molecules], starts[self.molecules]
+            self._atom_molecule = (torch.cumsum(present.long(), 0) - 1)[batch]
+
+    def _plan_blocks(self, counts: Tensor, device) -> None:
+        num_molecules = self.num_molecules
         sizes = counts.tolist()  # one host sync per forward, to plan the blocks
         order = sorted((m for m in range(num_molecules) if sizes[m] > 0), key=sizes.__getitem__)
-        self.num_molecules = num_molecules
-        self.counts = counts
         self.identity = order == list(range(num_molecules))
         self.buckets = []
         row = 0
@@ -254,6 +310,7 @@ class SetLayout:
                 self.buckets.append((row, pos, 1, n))
             row += n
         self.num_atoms = row
+        self.n_max = self.buckets[-1][3] if self.buckets else 0
         self.rows = [b * n for _, _, b, n in self.buckets]
         self.sizes = [n for _, _, b, n in self.buckets for _ in range(b)]
         if self.identity:
@@ -264,8 +321,9 @@ class SetLayout:
             sorted_counts = counts[self.molecules]
             shift = (torch.cumsum(counts, 0) - counts)[self.molecules] - (torch.cumsum(sorted_counts, 0) - sorted_counts)
             self.atom_order = torch.arange(row, device=device) + torch.repeat_interleave(shift, sorted_counts)
-        self._atom_inverse = None
-        self._dense_index = None
+        self.molecule_sizes = torch.tensor(self.sizes, dtype=torch.long, device=device)
+        self.first_rows = torch.cumsum(self.molecule_sizes, 0) - self.molecule_sizes
+        self._atom_molecule = None  # built on demand (pad)
 
     @property
     def num_present(self) -> int:
@@ -273,11 +331,11 @@ class SetLayout:
         return int(self.molecules.numel())
 
     def to_sorted(self, x: Tensor) -> Tensor:
-        """Packed rows in batch order -> sorted order."""
+        """Packed rows in batch order -> packed order (the identity except in the ``"blocks"`` path)."""
         return x if self.atom_order is None else x.index_select(0, self.atom_order)
 
     def atoms_to_batch_order(self, x: Tensor) -> Tensor:
-        """Packed rows in sorted order -> batch order."""
+        """Packed rows in packed order -> batch order."""
         if self.atom_order is None:
             return x
         if self._atom_inverse is None:
@@ -285,7 +343,7 @@ class SetLayout:
         return x.index_select(0, self._atom_inverse)
 
     def molecules_to_batch_order(self, rows: Tensor, fill: Optional[Tensor] = None) -> Tensor:
-        """Per-molecule rows ``[M', ...]`` in sorted order -> ``[M, ...]`` in molecule order.
+        """Per-molecule rows ``[M', ...]`` in packed order -> ``[M, ...]`` in molecule order.
 
         Empty molecule slots get ``fill`` (broadcast) or zeros.
         """
@@ -296,24 +354,114 @@ class SetLayout:
             out = out + fill
         return out.index_copy(0, self.molecules, rows)
 
-    def pad(self, packed: Tensor, value: float) -> Tensor:
-        """Sorted packed rows ``[N, F]`` -> padded ``[M', n_max, F]`` (padding filled with ``value``)."""
+    def dense_index(self) -> Tensor:
+        """Row of every packed atom in the flattened ``[M' * n_max]`` padded layout (cached)."""
         if self._dense_index is None:
-            n_max = self.buckets[-1][3] if self.buckets else 0
-            local = torch.cat([torch.arange(n, device=self.counts.device).repeat(b) for _, _, b, n in self.buckets])
-            mol = torch.repeat_interleave(torch.arange(len(self.sizes), device=self.counts.device),
-                                          torch.tensor(self.sizes, device=self.counts.device))
-            self._dense_index = (mol * n_max + local, n_max)
-        index, n_max = self._dense_index
-        if index.numel() == self.num_present * n_max:  # all molecules the same size: a view
-            return packed.view(self.num_present, n_max, -1)
-        out = packed.new_full((self.num_present * n_max, packed.size(1)), value)
-        return out.index_copy(0, index, packed).view(self.num_present, n_max, -1)
+            device = self.counts.device
+            if self._atom_molecule is None:
+                self._atom_molecule = torch.repeat_interleave(torch.arange(self.num_present, device=device),
+                                                              self.molecule_sizes)
+            mol = self._atom_molecule
+            local = torch.arange(self.num_atoms, device=device) - self.first_rows[mol]
+            self._dense_index = mol * self.n_max + local
+        return self._dense_index
+
+    def key_mask(self) -> Tensor:
+        """``[M', n_max]`` boolean mask of the padded layout (True = atom; cached)."""
+        if self._key_mask is None:
+            self._key_mask = torch.arange(self.n_max, device=self.counts.device) < self.molecule_sizes.unsqueeze(1)
+        return self._key_mask
+
+    def pad(self, packed: Tensor, value: float) -> Tensor:
+        """Packed rows ``[N, F]`` -> padded ``[M', n_max, F]`` (padding filled with ``value``)."""
+        if self.num_atoms == self.num_present * self.n_max:
+            return packed.view(self.num_present, self.n_max, -1)  # all molecules the same size: a view
+        out = packed.new_full((self.num_present * self.n_max, packed.size(1)), value)
+        return out.index_copy(0, self.dense_index(), packed).view(self.num_present, self.n_max, -1)
+
+    def unpad(self, dense: Tensor) -> Tensor:
+        """Padded ``[M', n_max, F]`` -> packed rows ``[N, F]`` (the inverse of :meth:`pad`)."""
+        flat = dense.reshape(self.num_present * self.n_max, -1)
+        if self.num_atoms == flat.size(0):
+            return flat
+        return flat.index_select(0, self.dense_index())
 
     def blocks(self, packed: Tensor):
-        """Yield ``(block [B, n, C], (first_row, first_molecule, B, n))`` views of sorted packed rows."""
+        """Yield ``(block [B, n, C], (first_row, first_molecule, B, n))`` views of sorted packed rows
+        (``"blocks"`` path)."""
         for chunk, bucket in zip(packed.split(self.rows), self.buckets):
             yield chunk.view(bucket[2], bucket[3], -1), bucket
+
+    def row_groups(self):
+        """Consecutive molecules grouped into row ranges for the fused SAB (cached):
+        ``[(first_row, end_row, blocks, table)]``; ``"blocks"`` path: the group's blocks with rows
+        relative to ``first_row`` and no table, else the native kernel's molecule table (first rows
+        relative to ``first_row``, sizes; CPU int64) and no blocks."""
+        if self._groups is None:
+            if self.path == "blocks":
+                self._groups = [(r0, r1, blocks, None) for r0, r1, blocks in _row_groups(self.buckets)]
+            else:
+                self._groups = _table_groups(self.first_rows.cpu(), self.molecule_sizes.cpu(), self.num_atoms)
+        return self._groups
+
+
+def _table_groups(starts: Tensor, sizes: Tensor, total: int, min_rows: Optional[int] = None, parts: int = 8):
+    """Molecules in packed order grouped into row ranges of about ``max(min_rows, N / parts)`` rows (as
+    :func:`_row_groups`), each with its molecule table relative to its first row."""
+    target = max(_GROUP_ROWS if min_rows is None else min_rows, total // parts)
+    if total <= target:
+        return [(0, total, None, (starts.contiguous(), sizes.contiguous()))]
+    ends = (starts + sizes).tolist()
+    groups, first, r0 = [], 0, 0
+    for m, end in enumerate(ends):
+        if end - r0 >= target or m == len(ends) - 1:
+            groups.append((r0, end, None, ((starts[first:m + 1] - r0).contiguous(), sizes[first:m + 1].contiguous())))
+            first, r0 = m + 1, end
+    return groups
+
+
+#: How ABP's set attention can run (see :class:`SetLayout`).
+SET_ATTENTION_PATHS = ("native", "padded", "blocks")
+_FORCED_PATH: Optional[str] = None
+
+
+def set_attention_path(x: Tensor, channels: int, heads: int, dropout: float) -> str:
+    """The one place that chooses how ABP's set attention runs for per-atom features ``x``.
+
+    * CPU, float32, no autocast, no attention dropout, head dimension 16/32/64 and the native kernels
+      built (:func:`abp_core.kernels.supports`): ``"native"``. Measured fastest on CPU
+      (``benchmarks/readout.py``, ``benchmarks/epoch.py``).
+    * other CPU cases: ``"blocks"`` (PyTorch's CPU flash attention per block of equal-size molecules:
+      no padding; ``benchmarks/readout.py``'s "PyTorch flash attention" row).
+    * CUDA and other devices: ``"padded"``: one fused attention call for the whole batch
+      (:func:`torch.nn.functional.scaled_dot_product_attention` with a key mask; on CUDA its
+      memory-efficient kernel), no per-block Python loop. Chosen by design, not measured here
+      (no GPU on the development machine).
+
+    :func:`forced_set_attention_path` overrides the choice (tests, benchmarks).
+    """
+    if _FORCED_PATH is not None:
+        return _FORCED_PATH
+    if x.device.type != "cpu":
+        return "padded"
+    if (dropout == 0.0 and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and kernels.supports(x.device, x.dtype, channels, heads)):
+        return "native"
+    return "blocks"
+
+
+@contextlib.contextmanager
+def forced_set_attention_path(path: str):
+    """Run ABP's set attention on ``path`` (``"native"``, ``"padded"`` or ``"blocks"``) inside this block,
+    whatever :func:`set_attention_path` would choose (``"native"`` still needs its conditions)."""
+    global _FORCED_PATH
+    if path not in SET_ATTENTION_PATHS:
+        raise ValueError(f"path must be one of {SET_ATTENTION_PATHS}, got {path!r}")
+    previous, _FORCED_PATH = _FORCED_PATH, path
+    try:
+        yield
+    finally:
+        _FORCED_PATH = previous
 
 
 def _cpu_flash_available(t: Tensor, dropout_p: float) -> bool:
@@ -387,17 +535,22 @@ def _native(qkv: Tensor, heads: int) -> bool:
 
 
 def _attention_forward(qkv: Tensor, blocks, heads: int, out: Optional[Tensor] = None,
-                       bias: Optional[Tensor] = None):
+                       bias: Optional[Tensor] = None, table=None):
     """Self-attention of packed ``qkv`` ``[N, 3C]`` per molecule -> ``(out [N, C], table, lses)``.
 
-    The native kernel (:mod:`abp_core.kernels`; one call for all blocks, ``table`` its molecule
-    table, ``lses`` one ``[N, heads]`` tensor) where it applies (CPU, float32, head dimension 16/32/64),
-    else per-block CPU flash attention (``table`` is ``None``, one log-sum-exp tensor per block).
-    ``bias`` ``[3C]`` (native kernel only) is added to ``qkv`` on the fly."""
+    The native kernel (:mod:`abp_core.kernels`; one call for all molecules, ``table`` its molecule
+    table -- given, or built from ``blocks`` --, ``lses`` one ``[N, heads]`` tensor) where it applies
+    (CPU, float32, head dimension 16/32/64), else per-block CPU flash attention (``table`` is
+    ``None``, one log-sum-exp tensor per block). ``bias`` ``[3C]`` (native kernel only) is added to
+    ``qkv`` on the fly."""
     if _native(qkv, heads):
-        table = kernels.molecule_table(blocks)
+        table = kernels.molecule_table(blocks) if table is None else table
         out, lse = kernels.attention_forward(qkv, table, heads, out, bias)
         return out, table, [lse]
+    if blocks is None:
+        raise RuntimeError("this layout's attention needs the native kernels (CPU, float32, head dimension "
+                           f"16/32/64), which do not apply to {qkv.dtype} [{qkv.size(0)}, {qkv.size(1)}] "
+                           f"with {heads} heads; see set_attention_path")
     if bias is not None:
         raise ValueError("a separate q|k|v bias needs the native attention kernel")
     out, lses = _flash_forward(qkv, blocks, heads, out)
@@ -424,9 +577,9 @@ class _PackedSelfAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, buckets, heads: int):
+    def forward(ctx, qkv: Tensor, buckets, heads: int, table=None):
         qkv = qkv.contiguous()
-        out, table, lses = _attention_forward(qkv, buckets, heads)
+        out, table, lses = _attention_forward(qkv, buckets, heads, table=table)
         ctx.buckets, ctx.heads, ctx.table = buckets, heads, table
         ctx.save_for_backward(qkv, out, *lses)
         return out
@@ -437,7 +590,7 @@ class _PackedSelfAttention(torch.autograd.Function):
         qkv, out, *lses = ctx.saved_tensors
         grad = _attention_backward(grad_out.contiguous(), qkv, out, ctx.table, lses, ctx.buckets, ctx.heads,
                                    qkv.new_empty(qkv.shape))[0]
-        return grad, None, None
+        return grad, None, None, None
 
 
 _GROUP_ROWS = 4096  # minimum atoms per q|k|v group of the fused SAB
@@ -487,28 +640,28 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_o, b_o, w_l, b_l, buckets, heads: int, recompute: bool,
+    def forward(ctx, x, w_in, b_in, w_o, b_o, w_l, b_l, groups, heads: int, recompute: bool,
                 mm_dtype: Optional[torch.dtype] = None):
         cd = mm_dtype or x.dtype
         lowp = mm_dtype is not None
-        groups = _row_groups(buckets)
         w_in_c, b_in_c, w_o_c, b_o_c, w_l_c, b_l_c = (t.to(cd) for t in (w_in, b_in, w_o, b_o, w_l, b_l))
         out = x.new_empty(x.size(0), w_o.size(1), dtype=cd)
         lses, kept, tables = [], [], []
         # the native kernel adds the q|k|v bias itself (no bias pass over [rows, 3C]) and returns its gradient
         native = not lowp and x.is_contiguous() and kernels.supports(x.device, x.dtype, w_o.size(1), heads)
         with torch.autocast(x.device.type, enabled=False):
-            for r0, r1, blocks in groups:
+            for r0, r1, blocks, table in groups:
                 if native:
                     qkv = torch.mm(x[r0:r1], w_in_c.t())
-                    _, table, blses = _attention_forward(qkv, blocks, heads, out=out[r0:r1], bias=b_in_c)
+                    _, table, blses = _attention_forward(qkv, blocks, heads, out=out[r0:r1], bias=b_in_c,
+                                                         table=table)
                 elif lowp:  # attention in float32, its output stored in the matmul dtype
                     qkv = torch.addmm(b_in_c, x[r0:r1].to(cd), w_in_c.t())
-                    o32, table, blses = _attention_forward(qkv.float(), blocks, heads)
+                    o32, table, blses = _attention_forward(qkv.float(), blocks, heads, table=table)
                     out[r0:r1].copy_(o32)
                 else:
                     qkv = torch.addmm(b_in_c, x[r0:r1], w_in_c.t())
-                    _, table, blses = _attention_forward(qkv, blocks, heads, out=out[r0:r1])
+                    _, table, blses = _attention_forward(qkv, blocks, heads, out=out[r0:r1], table=table)
                 lses.extend(blses)
                 tables.append((table, len(blses)))
                 if not recompute:
@@ -557,7 +710,7 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
         go = torch.mm(gh, w_o, out=gz)
         gw_in, gb_in = torch.zeros_like(w_in), torch.zeros_like(b_in)
         i = 0
-        for g, ((r0, r1, blocks), (table, count)) in enumerate(zip(ctx.groups, ctx.tables)):
+        for g, ((r0, r1, blocks, _), (table, count)) in enumerate(zip(ctx.groups, ctx.tables)):
             xg = x[r0:r1]
             if kept:
                 qkv = kept[g]
@@ -592,7 +745,7 @@ def _fused_sab_backward_low_precision(ctx, gy, x, w_in, b_in, w_o, w_l, out, h, 
     del gh_c, gz
     gw_in, gb_in = torch.zeros_like(w_in, dtype=gy.dtype), torch.zeros_like(b_in, dtype=gy.dtype)
     i = 0
-    for g, ((r0, r1, blocks), (table, count)) in enumerate(zip(ctx.groups, ctx.tables)):
+    for g, ((r0, r1, blocks, _), (table, count)) in enumerate(zip(ctx.groups, ctx.tables)):
         xg = x[r0:r1].to(cd)
         qkv = grad = (kept[g] if kept else torch.addmm(b_in_c, xg, w_in_c.t())).float()
         _attention_backward(go[r0:r1].float(), qkv, out[r0:r1].float(), table, lses[i:i + count], blocks, ctx.heads,
@@ -665,10 +818,16 @@ def packed_self_attention(qkv: Tensor, layout: SetLayout, heads: int, dropout_p:
                           force_generic: bool = False) -> Tensor:
     """Multi-head self-attention within each molecule: packed ``[N, 3C]`` (q|k|v) -> ``[N, C]``.
 
-    On CPU without dropout: :class:`_PackedSelfAttention` (fused kernels, custom backward; in
-    float32 for bf16/fp16 inputs); otherwise (or with ``force_generic``) per-block
+    ``layout``'s path (:class:`SetLayout`): ``"padded"``: :func:`padded_self_attention`; ``"native"``:
+    :class:`_PackedSelfAttention` with the native kernel; ``"blocks"``: on CPU without dropout
+    :class:`_PackedSelfAttention` (fused kernels, custom backward; in float32 for bf16/fp16 inputs),
+    otherwise (or with ``force_generic``) per-block
     :func:`torch.nn.functional.scaled_dot_product_attention` under autograd.
     """
+    if layout.path == "padded" or (layout.path == "native" and (force_generic or dropout_p > 0)):
+        return padded_self_attention(qkv, layout, heads, dropout_p)
+    if layout.path == "native":
+        return _PackedSelfAttention.apply(qkv, None, heads, (layout.first_rows, layout.molecule_sizes))
     if not force_generic and _cpu_flash_available(qkv, dropout_p):
         if qkv.dtype in (torch.bfloat16, torch.float16):
             # bf16 autocast: the CPU flash kernels' reduced-precision backward is ~6x slower than
@@ -682,6 +841,20 @@ def packed_self_attention(qkv: Tensor, layout: SetLayout, heads: int, dropout_p:
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         outs.append(o.transpose(1, 2).reshape(b * n, c))
     return torch.cat(outs)
+
+
+def padded_self_attention(qkv: Tensor, layout: SetLayout, heads: int, dropout_p: float = 0.0) -> Tensor:
+    """Multi-head self-attention within each molecule in one batched call: packed ``[N, 3C]`` (q|k|v)
+    -> ``[N, C]``, through ``[M', n_max]`` padded sets and
+    :func:`torch.nn.functional.scaled_dot_product_attention` with a key mask (padded keys get zero
+    weight; padded queries attend to the real keys and are dropped). Plain autograd."""
+    c = qkv.size(1) // 3
+    m, n = layout.num_present, layout.n_max
+    dense = layout.pad(qkv, 0.0).view(m, n, 3, heads, c // heads)
+    q, k, v = (dense[:, :, i].transpose(1, 2) for i in range(3))  # [M', H, n_max, d]
+    mask = None if layout.num_atoms == m * n else layout.key_mask()[:, None, None, :]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return layout.unpad(o.transpose(1, 2).reshape(m, n, c))
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -753,6 +926,15 @@ class MultiheadAttentionBlock(torch.nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, x_mask: Optional[Tensor] = None,
                 y_mask: Optional[Tensor] = None) -> Tensor:
+        if y.size(-2) == 1 and y_mask is None and self._dropout() == 0:
+            # one key (e.g. the decoder after a one-seed PMA): its softmax weight is exactly 1, so the
+            # attention output is its value; q and k need not be computed (same numbers)
+            _, _, w_v = self.in_proj_weight.chunk(3)
+            _, _, b_v = self.in_proj_bias.chunk(3)
+            attended = F.linear(y, w_v, b_v).expand(*x.shape[:-1], self.channels)
+            if x_mask is not None:
+                attended = attended * x_mask.unsqueeze(-1).to(attended.dtype)
+            return self._feed_forward(x, attended)
         q, k, v = self.project(x, y)
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=self.attention_mask(x_mask, y_mask), dropout_p=self._dropout())
@@ -782,14 +964,18 @@ class MultiheadAttentionBlock(torch.nn.Module):
         (low-memory backward; under bf16/fp16 autocast with matmuls in that dtype); otherwise, or with
         ``fused=False``, as an autograd composition. ``recompute``: see :class:`_FusedSelfAttentionBlock`.
         """
+        if layout.path == "padded":
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+            return self._feed_forward(x, padded_self_attention(qkv, layout, self.heads, self._dropout()))
         autocast = torch.is_autocast_enabled(x.device.type)
         mm_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
-        if (fused and self.norm1 is None and _cpu_flash_available(x, self._dropout())
+        if (fused and self.norm1 is None
+                and (layout.path == "native" or _cpu_flash_available(x, self._dropout()))
                 and (mm_dtype in (torch.bfloat16, torch.float16) if autocast else
                      all(t.dtype == x.dtype for t in (self.in_proj_weight, self.out_proj.weight, self.lin.weight)))):
             return _FusedSelfAttentionBlock.apply(x, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight,
                                                   self.out_proj.bias, self.lin.weight, self.lin.bias,
-                                                  layout.buckets, self.heads, recompute, mm_dtype)
+                                                  layout.row_groups(), self.heads, recompute, mm_dtype)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         return self._feed_forward(x, packed_self_attention(qkv, layout, self.heads, self._dropout(),
                                                            force_generic=not fused))
@@ -817,13 +1003,18 @@ class MultiheadAttentionBlock(torch.nn.Module):
         k, c, heads = queries.size(0), self.channels, self.heads
         d = c // heads
         # Softmax on padded [M', n_max, k*H] logits (small; padding gets -inf: zero weight), then
-        # per-block weighted sums on the packed keys.
+        # weighted sums of the keys: per block of equal-size molecules on the packed keys ("blocks"
+        # path: no padded copy of y), else one batched matmul with the padded keys.
         scores = layout.pad(self.seed_scores(queries, y), float("-inf"))  # [M', n_max, k*H]
         a = scores.softmax(dim=1)
         p = self._dropout()
         if p > 0:
             a = F.dropout(a, p)
-        pooled = _BlockPool.apply(a.to(y.dtype), y, layout.buckets).view(-1, k, heads, c)  # [M', k, H, C]
+        if layout.buckets is not None:
+            pooled = _BlockPool.apply(a.to(y.dtype), y, layout.buckets)
+        else:
+            pooled = torch.bmm(a.to(y.dtype).transpose(1, 2), layout.pad(y, 0.0))
+        pooled = pooled.view(-1, k, heads, c)  # [M', k, H, C]
         _, w_v = self.in_proj_weight.split([2 * c, c])
         b_v = self.in_proj_bias[2 * c:].view(heads, d)
         out = torch.einsum("mkhc,hdc->mkhd", pooled, w_v.view(heads, d, c))
@@ -854,15 +1045,11 @@ class MultiheadAttentionBlock(torch.nn.Module):
         c, heads = self.channels, self.heads
         w_q, w_kv = self.in_proj_weight.split([c, 2 * c])
         b_q, b_kv = self.in_proj_bias.split([c, 2 * c])
-        q = F.linear(x, w_q, b_q)
-        kv = F.linear(h, w_kv, b_kv)  # [M', m, 2C]
-        outs = []
-        for (blk_q, (_, m0, b, n)) in layout.blocks(q):
-            k, v = kv[m0:m0 + b].chunk(2, dim=-1)
-            o = F.scaled_dot_product_attention(_heads(blk_q, heads), _heads(k, heads), _heads(v, heads),
-                                               dropout_p=self._dropout())
-            outs.append(o.transpose(1, 2).reshape(b * n, c))
-        return self._feed_forward(x, torch.cat(outs))
+        q = layout.pad(F.linear(x, w_q, b_q), 0.0)  # [M', n_max, C]; padded queries are dropped below
+        k, v = F.linear(h, w_kv, b_kv).chunk(2, dim=-1)  # [M', m, C] each: no padded keys, no mask
+        o = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads),
+                                           dropout_p=self._dropout())
+        return self._feed_forward(x, layout.unpad(_merge(o)))
 
     def attention_weights(self, x: Tensor, y: Tensor, y_mask: Optional[Tensor] = None) -> Tensor:
         """Softmax attention ``[B, heads, Nx, Ny]`` of queries ``x`` over keys ``y`` (padded keys get 0)."""
@@ -948,16 +1135,19 @@ class AttentionPooling(Readout):
         recompute: recompute each SAB's ``q|k|v`` in the backward instead of storing it (default
             ``True``: about half the training memory for one extra matmul per SAB; see
             :class:`_FusedSelfAttentionBlock`).
-        bucket_ratio: accepted for backward compatibility and ignored (attention now
-            runs on blocks of equal-size molecules, with no padding at all).
+        bucket_ratio: accepted for backward compatibility and ignored (see the implementation
+            note below: no path pads the per-atom linear layers).
 
-    Implementation (exact, see ``benchmarks/README.md``): atoms are sorted by molecule
-    size once (:class:`SetLayout`), linear layers run on all packed atoms, self-attention
-    runs as one fused flash-attention call per block of equal-size molecules (zero-copy
-    views, no masks, no padding); on CPU each SAB is one autograd node with a hand-written,
-    low-memory backward (:class:`_FusedSelfAttentionBlock`); the PMA is computed on the
-    packed keys with a per-molecule softmax, projecting keys and values per molecule
-    instead of per atom. Same numbers as PyG's ``SetTransformerAggregation`` (fp32
+    Implementation (exact, see ``benchmarks/README.md``): linear layers run on all atoms of the
+    batch at once; self-attention runs on one of three paths chosen in one place
+    (:func:`set_attention_path`, :class:`SetLayout`): on CPU in float32 the native kernel, one call
+    per group of a few thousand atoms in the batch's own order (no sorting, no padding, no per-block
+    loop); on CUDA one masked attention call on padded sets; otherwise (float64, bf16 autocast,
+    dropout) PyTorch's CPU flash attention per block of equal-size molecules of a size-sorted batch.
+    On CPU each SAB is one autograd node with a hand-written, low-memory backward
+    (:class:`_FusedSelfAttentionBlock`); the PMA is computed on the packed keys with a per-molecule
+    softmax, projecting keys and values per molecule instead of per atom; a decoder over one seed
+    skips its softmax (its weight is exactly 1). Same numbers as PyG's ``SetTransformerAggregation`` (fp32
     ``allclose``, float64 to 1e-15).
     """
 
@@ -1013,7 +1203,8 @@ class AttentionPooling(Readout):
 
     def _encode_sorted(self, x: Tensor, batch: Tensor, dim_size: int) -> Tuple[Tensor, SetLayout]:
         """PMA keys ``Linear_phi(SAB^n(Linear_phi(X)))`` in the layout's size-sorted atom order."""
-        layout = SetLayout(batch, dim_size)
+        layout = SetLayout(batch, dim_size, path=set_attention_path(x, self.hidden_channels, self.heads,
+                                                                    self.pma._dropout()))
         x = layout.to_sorted(x)
         if self.input_lin is not None:
             x = linear_relu(self.input_lin, x)

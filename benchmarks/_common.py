@@ -37,39 +37,75 @@ if str(ROOT) not in sys.path:
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Wall-clock seconds of each callable, run alternately ``repeats`` times after ``warmup`` rounds."""
+def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                device: torch.device = torch.device("cpu")) -> Dict[str, List[float]]:
+    """Wall-clock seconds of each callable, run alternately ``repeats`` times after ``warmup`` rounds
+    (on a GPU ``device`` each call is timed to the end of its queued work)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu`` (every script's ``--device`` default)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_argument(parser) -> None:
+    """``--device`` on a benchmark script's parser (default :func:`default_device`)."""
+    parser.add_argument("--device", default=default_device(),
+                        help="device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``'s value as a :class:`torch.device`; a clear error when it does not exist here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: the benchmarks run on cpu or cuda")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (timings of asynchronous CUDA calls); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> Dict[str, float]:
-    """This machine's dense-matmul GFLOP/s (fp32 and bf16, ``n x n @ n x n``, best of ``repeats``)."""
+def matmul_peak(n: int = 2048, repeats: int = 5, device: torch.device = torch.device("cpu")) -> Dict[str, float]:
+    """This device's dense-matmul GFLOP/s (fp32 and bf16, ``n x n @ n x n``, best of ``repeats``)."""
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
         a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        best = min(_timed(lambda: a @ b, device) for _ in range(repeats))
         out[name] = 2 * n ** 3 / best / 1e9
     return out
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device = torch.device("cpu")) -> float:
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -78,14 +114,26 @@ def _status_kib(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1))
 
 
-def measure_step_memory(setup: Callable[[], Callable[[], None]], warmup: bool = True) -> Dict[str, float]:
-    """Peak extra resident memory (MiB) of one call of the step built by ``setup`` (see module doc).
+def measure_step_memory(setup: Callable[[], Callable[[], None]], warmup: bool = True,
+                        device: torch.device = torch.device("cpu")) -> Dict[str, float]:
+    """Peak extra resident memory (MiB) of one call of the step built by ``setup`` (see module doc);
+    on a GPU ``device`` the peak extra device memory of the caching allocator instead.
 
     ``warmup=False`` measures the first step (for steps that take many seconds; one-time set-up
     costs are a few MiB, negligible against the GiB measured then)."""
     import gc
 
     step = setup()
+    if device.type == "cuda":
+        if warmup:
+            step()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return {"peak_mib": (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20,
+                "method": "cuda max_memory_allocated"}
     try:
         Path("/proc/self/clear_refs").write_text("5")
         resettable = True
@@ -120,10 +168,11 @@ def run_child(script: Path, args: List[str], timeout: float = 600) -> Dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine_line(threads: int) -> str:
+def machine_line(threads: int, device: torch.device = torch.device("cpu")) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = f", device {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", device cpu"
     return (f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, "
-            f"load average {load:.2f} at start")
+            f"load average {load:.2f} at start{gpu}")
 
 
 def fmt_table(headers: List[str], rows: List[List[str]]) -> str:

@@ -1,13 +1,21 @@
-"""Benchmark: ABP's per-molecule self-attention alone, native kernel vs PyTorch's CPU flash attention.
+"""Benchmark: ABP's per-molecule self-attention alone: native kernel, PyTorch's CPU flash attention per
+block, and the padded path (one masked attention call for the batch).
 
-The attention of one SAB on a packed, size-sorted batch of 128 molecules (width 256, 16 heads,
-head dimension 16), forward and backward, for QM9-like (9-29 atoms) and QMugs-like (40-228)
-sizes: ``abp_core.kernels`` (one call for the batch, q|k|v bias added on the fly, bias gradient
-returned) against the per-block calls of PyTorch's flash-attention kernels that it replaces
-(bias added beforehand, gradient summed afterwards, as the flash path does). Same inputs,
-interleaved runs, medians; prints achieved GFLOP/s next to the machine's matmul peak, the
-largest relative difference between the two (outputs, q|k|v gradients, bias gradients), and one
-summary line.
+The attention of one SAB on a packed batch of 128 molecules (width 256, 16 heads, head dimension 16),
+forward and backward, for QM9-like (9-29 atoms) and QMugs-like (40-228) sizes:
+
+* ``native``: ``abp_core.kernels`` (one call for the batch, q|k|v bias added on the fly, bias gradient
+  returned; CPU only);
+* ``flash`` (``blocks`` on a GPU): the per-block calls of PyTorch's flash-attention kernels that the
+  native kernel replaces (size-sorted batch, bias added beforehand, gradient summed afterwards) -- on a
+  GPU :func:`torch.nn.functional.scaled_dot_product_attention` per block of equal-size molecules;
+* ``padded``: :func:`abp_core.readouts.padded_self_attention` (ABP's CUDA path): ``[M, n_max]`` padded
+  sets, one ``scaled_dot_product_attention`` call with a key mask, autograd backward.
+
+Same inputs, interleaved runs, medians; prints achieved GFLOP/s (of the useful, unpadded FLOPs) next to
+the device's matmul peak, the largest relative difference to the first row (outputs, q|k|v gradients),
+and one summary line. ``set_attention_path`` in ``abp_core/readouts.py`` picks the path from these
+measurements on CPU.
 
     .venv/bin/python benchmarks/attention.py           # ~30 s
     .venv/bin/python benchmarks/attention.py --quick   # CI-size smoke run
@@ -22,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import fmt_table, interleaved, machine_line, matmul_peak, median  # noqa: E402
+from _common import add_device_argument, fmt_table, interleaved, machine_line, matmul_peak, median, resolve_device  # noqa: E402,E501
 
 DISTRIBUTIONS = {"qm9": (9, 29), "qmugs": (40, 228)}
 
@@ -42,68 +50,93 @@ def problem(dist: str, batch_size: int, channels: int, seed: int = 0):
 
 def main(argv=None) -> int:
     from abp_core import kernels
-    from abp_core.readouts import _flash_backward, _flash_forward
+    from abp_core.readouts import SetLayout, _flash_backward, _flash_forward, packed_self_attention, \
+        padded_self_attention
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CI-size run")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_device_argument(ap)
     args = ap.parse_args(argv)
+    device = resolve_device(args.device)
     batch, channels, heads = (16, 64, 4) if args.quick else (128, 256, 16)
     repeats = args.repeats or (2 if args.quick else 15)
     torch.set_num_threads(args.threads)
-    if not kernels.available():
+    cpu = device.type == "cpu"
+    if cpu and not kernels.available():
         print(f"SUMMARY attention: native kernel unavailable ({kernels.unavailable_reason()})")
         return 1
-    print(f"# per-molecule self-attention of one SAB, forward + backward: native kernel vs PyTorch flash "
+    impls = ("flash", "native", "padded") if cpu else ("blocks", "padded")
+    print(f"# per-molecule self-attention of one SAB, forward + backward: {', '.join(impls)} "
           f"(batch {batch}, width {channels}, {heads} heads)")
-    print(f"# {machine_line(args.threads)}")
-    peak = matmul_peak(1024 if args.quick else 2048)
+    print(f"# {machine_line(args.threads, device)}" + ("" if cpu else "; the native kernel is CPU-only"))
+    peak = matmul_peak(1024 if args.quick else 2048, device=device)
     print(f"# matmul peak (2048^2): fp32 {peak['fp32']:.0f} GFLOP/s")
     rows, summary = [], []
     for dist in DISTRIBUTIONS:
         qkv, go, bias, blocks, sizes = problem(dist, batch, channels)
-        table = kernels.molecule_table(blocks)
-        grad = torch.empty_like(qkv)
-        out, lse = kernels.attention_forward(qkv, table, heads, bias=bias)
+        qkv, go, bias = qkv.to(device), go.to(device), bias.to(device)
         biased = qkv + bias
-        flash_out, lses = _flash_forward(biased, blocks, heads)
-        flash_grad = _flash_backward(go, biased, flash_out, lses, blocks, heads, torch.empty_like(qkv))
-        native_grad, sums = kernels.attention_backward(go, qkv, out, lse, table, heads, grad, bias=bias,
-                                                       column_sums=True)
-        diff = max(((a - b).abs().max() / b.abs().max()).item()
-                   for a, b in ((out, flash_out), (native_grad, flash_grad), (sums, flash_grad.sum(0))))
-        staged = torch.empty_like(qkv)  # the flash path's bias pass, into a reused buffer (no page faults)
+        vec = torch.repeat_interleave(torch.arange(batch), torch.tensor(sorted(sizes))).to(device)
+        padded_layout = SetLayout(vec, batch, path="padded")  # the sorted rows, in their (packed) order
+        blocks_layout = SetLayout(vec, batch)
+        fns, results = {}, {}
 
-        def native_fwd():
-            kernels.attention_forward(qkv, table, heads, bias=bias)
+        def autograd_pair(name, fn):
+            """Forward and backward callables of an autograd attention ``fn(qkv)``; results for the check."""
+            leaf = biased.detach().requires_grad_(True)
+            state = {}
 
-        def native_bwd():
-            kernels.attention_backward(go, qkv, out, lse, table, heads, grad, bias=bias, column_sums=True)
+            def fwd():
+                state["out"] = fn(leaf)
 
-        def flash_fwd():
-            _flash_forward(torch.add(qkv, bias, out=staged), blocks, heads)
+            def bwd():
+                (g,) = torch.autograd.grad(state["out"], leaf, go, retain_graph=True)
+                state["grad"] = g
 
-        def flash_bwd():
-            _flash_backward(go, biased, flash_out, lses, blocks, heads, grad).sum(0)
+            fwd(), bwd()
+            results[name] = (state["out"].detach(), state["grad"])
+            fns[f"{name} fwd"], fns[f"{name} bwd"] = fwd, bwd
 
-        times = interleaved({"native fwd": native_fwd, "flash fwd": flash_fwd, "native bwd": native_bwd,
-                             "flash bwd": flash_bwd}, repeats)
+        if cpu:
+            table = kernels.molecule_table(blocks)
+            grad = torch.empty_like(qkv)
+            out, lse = kernels.attention_forward(qkv, table, heads, bias=bias)
+            flash_out, lses = _flash_forward(biased, blocks, heads)
+            flash_grad = _flash_backward(go, biased, flash_out, lses, blocks, heads, torch.empty_like(qkv))
+            native_grad, sums = kernels.attention_backward(go, qkv, out, lse, table, heads, grad.clone(), bias=bias,
+                                                           column_sums=True)
+            results["flash"], results["native"] = (flash_out, flash_grad), (out, native_grad)
+            staged = torch.empty_like(qkv)  # the flash path's bias pass, into a reused buffer (no page faults)
+            fns["native fwd"] = lambda: kernels.attention_forward(qkv, table, heads, bias=bias)
+            fns["native bwd"] = lambda: kernels.attention_backward(go, qkv, out, lse, table, heads, grad, bias=bias,
+                                                                   column_sums=True)
+            fns["flash fwd"] = lambda: _flash_forward(torch.add(qkv, bias, out=staged), blocks, heads)
+            fns["flash bwd"] = lambda: _flash_backward(go, biased, flash_out, lses, blocks, heads, grad).sum(0)
+        else:
+            autograd_pair("blocks", lambda t: packed_self_attention(t, blocks_layout, heads, force_generic=True))
+        autograd_pair("padded", lambda t: padded_self_attention(t, padded_layout, heads))
+        first = impls[0]
+        diff = {name: max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(results[name], results[first]))
+                for name in impls[1:]}
+        times = interleaved(fns, repeats, device=device)
         t = {k: median(v) for k, v in times.items()}
         fwd_gflop = 4 * channels * sum(n * n for n in sizes) / 1e9  # QK^T and PV
-        for impl in ("flash", "native"):
+        base = t[f"{first} fwd"] + t[f"{first} bwd"]
+        for impl in impls:
             total = t[f"{impl} fwd"] + t[f"{impl} bwd"]
             rows.append([dist, impl, f"{t[f'{impl} fwd'] * 1e3:.1f}", f"{t[f'{impl} bwd'] * 1e3:.1f}",
                          f"{fwd_gflop / t[f'{impl} fwd']:.0f}", f"{2.5 * fwd_gflop / t[f'{impl} bwd']:.0f}",
-                         f"{(t['flash fwd'] + t['flash bwd']) / total:.2f}x" if impl == "native" else "",
-                         f"{diff:.1e}" if impl == "native" else ""])
-        summary.append(f"{dist} {(t['flash fwd'] + t['flash bwd']) / (t['native fwd'] + t['native bwd']):.2f}x "
-                       f"(fwd {t['flash fwd'] / t['native fwd']:.2f}x, bwd {t['flash bwd'] / t['native bwd']:.2f}x)")
-    print(fmt_table(["sizes", "kernel", "fwd ms", "bwd ms", "fwd GFLOP/s", "bwd GFLOP/s", "speed-up (fwd+bwd)",
-                     "max rel diff"], rows))
+                         f"{base / total:.2f}x" if impl != first else "", f"{diff[impl]:.1e}" if impl != first else ""])
+        summary.append(f"{dist} " + ", ".join(
+            f"{impl} {base / (t[f'{impl} fwd'] + t[f'{impl} bwd']):.2f}x" for impl in impls[1:]) + f" vs {first}")
+    print(fmt_table(["sizes", "kernel", "fwd ms", "bwd ms", "fwd GFLOP/s", "bwd GFLOP/s",
+                     f"speed-up vs {impls[0]} (fwd+bwd)", "max rel diff"], rows))
     print(f"# GFLOP: 4 C sum(n^2) forward, 2.5x that backward (recomputed scores); matmul peak fp32 "
-          f"{peak['fp32']:.0f} GFLOP/s; flash times include adding the bias and summing its gradient")
-    print("SUMMARY attention: native vs flash " + "; ".join(summary))
+          f"{peak['fp32']:.0f} GFLOP/s" + ("; flash times include adding the bias and summing its gradient" if cpu
+                                           else ""))
+    print("SUMMARY attention: " + "; ".join(summary))
     return 0
 
 

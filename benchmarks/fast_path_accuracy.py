@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import fmt_table, machine_line  # noqa: E402
+from _common import add_device_argument, fmt_table, machine_line, resolve_device, synchronize  # noqa: E402
 from train_step import HOMO, build  # noqa: E402
 
 VARIANTS = {"stock fp32": ("stock", False), "ours fp32": ("ours", False), "ours bf16": ("ours", True)}
@@ -46,32 +46,36 @@ def load(num_molecules: int, seed: int = 0):
     return mols[n_test + n_val:], mols[n_val:n_val + n_test], mols[:n_val]
 
 
-def run(variant: str, seed: int, train, test, epochs: int, batch_size: int, lr: float, quick: bool) -> dict:
+def run(variant: str, seed: int, train, test, epochs: int, batch_size: int, lr: float, quick: bool,
+        device: torch.device = torch.device("cpu")) -> dict:
     from torch_geometric.loader import DataLoader
 
     kind, bf16 = VARIANTS[variant]
-    model = build("schnet", kind, quick, seed=seed)
+    model = build("schnet", kind, quick, seed=seed).to(device)
     y = torch.cat([m.y[:, HOMO] for m in train])
     mean, std = y.mean(), y.std()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     t0 = time.perf_counter()
     model.train()
     for _ in range(epochs):
         for batch in loader:
+            batch = batch.to(device)
             opt.zero_grad(set_to_none=True)
             with ctx():
                 pred = model(batch)[:, 0]
-            loss = (pred.float() - (batch.y[:, HOMO] - mean) / std).abs().mean()
+            loss = (pred.float() - (batch.y[:, HOMO] - mean.to(device)) / std.to(device)).abs().mean()
             loss.backward()
             opt.step()
+    synchronize(device)
     train_s = time.perf_counter() - t0
     model.eval()
     errs = []
     with torch.no_grad(), ctx():
         for batch in DataLoader(test, batch_size=256):
-            errs.append((model(batch)[:, 0].float() * std + mean - batch.y[:, HOMO]).abs())
+            batch = batch.to(device)
+            errs.append((model(batch)[:, 0].float() * std + mean.to(device) - batch.y[:, HOMO]).abs())
     return {"mae": torch.cat(errs).mean().item(), "train_s": train_s}
 
 
@@ -87,18 +91,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (default 1: this measures accuracy, not speed, and one thread is "
                          "immune to the slow-down of a busy shared machine)")
+    add_device_argument(ap)
     args = ap.parse_args(argv)
+    device = resolve_device(args.device)
     args.molecules = args.molecules or (200 if args.quick else 2000)
     args.epochs = args.epochs or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     train, _, test = load(args.molecules)
     print(f"# QM9 HOMO, SchNet + ABP, {len(train)} train / {len(test)} test molecules, {args.epochs} epochs, "
           f"batch {args.batch_size}, seeds {args.seeds}")
-    print(f"# {machine_line(args.threads)}")
+    print(f"# {machine_line(args.threads, device)}")
     res = {v: {} for v in args.variants}
     for seed in args.seeds:
         for v in args.variants:
-            res[v][seed] = run(v, seed, train, test, args.epochs, args.batch_size, args.lr, args.quick)
+            res[v][seed] = run(v, seed, train, test, args.epochs, args.batch_size, args.lr, args.quick, device)
     rows, verdicts = [], []
     n = len(args.seeds)
 

@@ -54,13 +54,23 @@ def load_qm9(n: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     return mols, df["HOMO_au"].to_numpy() * 27.211386245988
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import add_device_argument, resolve_device
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--num-molecules", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=None, help="default: all cores")
     ap.add_argument("--chunk-size", type=int, default=500)
     ap.add_argument("--orbitals", nargs="+", default=["homo"])
-    args = ap.parse_args()
+    add_device_argument(ap)
+    ap.add_argument("--check-args", action="store_true", help=argparse.SUPPRESS)  # tests: parse and stop
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type != "cpu":  # the same command on a GPU machine: the same (CPU) measurement
+        print(f"# --device {args.device}: GFN2-xTB (tblite) runs on the CPU; this benchmark does not use the GPU")
+    if args.check_args:
+        return
 
     t0 = time.perf_counter()
     mols, homo_dft_ev = load_qm9(args.num_molecules)

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("-n", type=int, default=64, help="molecules (default 64)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="qm9-homo-abp", help="shipped model or checkpoint (default qm9-homo-abp)")
-    ap.add_argument("--device", default="cpu", help="torch device of the model (default cpu; xTB runs on the CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device of the model (default cuda when available, else cpu; xTB runs on the CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; tblite always uses 1)")
     ap.add_argument("--no-subprocess", action="store_true", help="skip the `abp predict` command runs")
     ap.add_argument("--quick", action="store_true", help="6 molecules, 1 repeat, no subprocess")

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import (fmt_table, interleaved, machine_line, matmul_peak, measure_step_memory,  # noqa: E402
-                     median, run_child)
+from _common import (add_device_argument, fmt_table, interleaved, machine_line, matmul_peak,  # noqa: E402
+                     measure_step_memory, median, resolve_device, run_child)
 
 DISTRIBUTIONS = {"qm9": (9, 29), "qmugs": (40, 228)}
 IMPLS = ("pyg", "ours", "ours-fast", "ours-flash")
@@ -105,7 +105,7 @@ def make_step(model, x, batch, bf16: bool):
         x.grad = None
         for p in model.parameters():
             p.grad = None
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with ctx:
             out = model(x, batch)
         out.float().sum().backward()
@@ -161,12 +161,14 @@ def agreement(models, x, batch, sizes, fp64_molecules: int = 32):
 def child(args) -> None:
     """Memory measurement of one implementation in this (fresh) process; prints JSON."""
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     x, batch, _ = make_inputs(args.child_dist, args.batch_size, args.channels)
-    model = build(args.child_impl, args.channels, args.heads)
+    x, batch = x.to(device), batch.to(device)
+    model = build(args.child_impl, args.channels, args.heads).to(device)
 
     def setup():
         return make_step(model, x, batch, args.child_bf16)[0]
-    print(json.dumps(measure_step_memory(setup)))
+    print(json.dumps(measure_step_memory(setup, device=device)))
 
 
 def main(argv=None) -> int:
@@ -180,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dists", nargs="+", default=list(DISTRIBUTIONS), choices=list(DISTRIBUTIONS))
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast (not exact; reported separately)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    add_device_argument(ap)
     ap.add_argument("--child-impl", help=argparse.SUPPRESS, choices=IMPLS)
     ap.add_argument("--child-dist", help=argparse.SUPPRESS)
     ap.add_argument("--child-bf16", action="store_true", help=argparse.SUPPRESS)
@@ -195,26 +198,30 @@ def main(argv=None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     print(f"# ABP readout forward+backward: ours vs PyG SetTransformerAggregation "
           f"(batch {args.batch_size}, width {args.channels}, {args.heads} heads, 2 SAB + PMA(k=1) + 1 SAB)")
-    print(f"# {machine_line(args.threads)}")
-    peak = matmul_peak(1024 if args.quick else 2048)
+    print(f"# {machine_line(args.threads, device)}" + ("; the native kernels are CPU-only: on a GPU all three of "
+                                                       "ours run the padded path" if device.type != "cpu" else ""))
+    peak = matmul_peak(1024 if args.quick else 2048, device=device)
     print(f"# matmul peak (2048^2): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
     rows, summary = [], []
     variants = [("fp32", False)] + ([("bf16", True)] if args.bf16 else [])
     for dist in args.dists:
         x, batch, sizes = make_inputs(dist, args.batch_size, args.channels)
-        models = {impl: build(impl, args.channels, args.heads) for impl in IMPLS}
+        x, batch = x.to(device), batch.to(device)
+        models = {impl: build(impl, args.channels, args.heads).to(device) for impl in IMPLS}
         checks = agreement(models, x, batch, sizes)
         for vname, bf16 in variants:
             steps = {impl: make_step(models[impl], x, batch, bf16)[0] for impl in IMPLS}
-            times = interleaved(steps, args.repeats)
+            times = interleaved(steps, args.repeats, device=device)
             mem = {}
             if not args.no_memory:
                 for impl in (IMPLS[:2] if args.quick else IMPLS):
                     extra = ["--child-impl", impl, "--child-dist", dist, "--batch-size", str(args.batch_size),
                              "--channels", str(args.channels), "--heads", str(args.heads),
-                             "--threads", str(args.threads)] + (["--child-bf16"] if bf16 else [])
+                             "--threads", str(args.threads), "--device", args.device] + \
+                        (["--child-bf16"] if bf16 else [])
                     mem[impl] = run_child(Path(__file__), extra)["peak_mib"]
             t = {impl: median(times[impl]) for impl in IMPLS}
             gf = {impl: executed_gflop(impl, sizes, args.channels, args.heads) for impl in IMPLS}

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import fmt_table, interleaved, machine_line, matmul_peak, measure_step_memory, median, run_child  # noqa: E402,E501
+from _common import (add_device_argument, fmt_table, interleaved, machine_line, matmul_peak,  # noqa: E402
+                     measure_step_memory, median, resolve_device, run_child)
 from readout import build as build_sab, executed_gflop, make_step  # noqa: E402
 
 IMPLS = ("ours SAB", "ours ISAB", "pyg SAB")
@@ -64,9 +65,10 @@ def gflop(impl: str, n: int, molecules: int, c: int, heads: int) -> float:
 
 def child(args) -> None:
     torch.set_num_threads(args.threads)
-    x, batch = inputs(args.child_n, args.molecules, args.channels)
-    model = build(args.child_impl, args.channels, args.heads)
-    print(json.dumps(measure_step_memory(lambda: make_step(model, x, batch, False)[0])))
+    device = resolve_device(args.device)
+    x, batch = (t.to(device) for t in inputs(args.child_n, args.molecules, args.channels))
+    model = build(args.child_impl, args.channels, args.heads).to(device)
+    print(json.dumps(measure_step_memory(lambda: make_step(model, x, batch, False)[0], device=device)))
 
 
 def main(argv=None) -> int:
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-memory", action="store_true")
+    add_device_argument(ap)
     ap.add_argument("--child-impl", help=argparse.SUPPRESS)
     ap.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--channels", type=int, default=None)
@@ -92,20 +95,23 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"# ABP fwd+bwd vs molecule size: fixed batch of {args.molecules} equal-size molecules, width "
           f"{args.channels}, {args.heads} heads, 2 encoder blocks (SAB or ISAB with {INDUCED} induced points)")
-    print(f"# {machine_line(args.threads)}")
-    peak = matmul_peak(1024 if args.quick else 2048)
+    device = resolve_device(args.device)
+    print(f"# {machine_line(args.threads, device)}")
+    peak = matmul_peak(1024 if args.quick else 2048, device=device)
     print(f"# matmul peak (2048^2): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
     rows, res = [], {}
     for n in sizes:
-        x, batch = inputs(n, args.molecules, args.channels)
-        steps = {impl: make_step(build(impl, args.channels, args.heads), x, batch, False)[0] for impl in IMPLS}
-        times = interleaved(steps, repeats)
+        x, batch = (t.to(device) for t in inputs(n, args.molecules, args.channels))
+        steps = {impl: make_step(build(impl, args.channels, args.heads).to(device), x, batch, False)[0]
+                 for impl in IMPLS}
+        times = interleaved(steps, repeats, device=device)
         for impl in IMPLS:
             mem = float("nan")
             if not args.no_memory:
                 mem = run_child(Path(__file__), ["--child-impl", impl, "--child-n", str(n), "--molecules",
                                                  str(args.molecules), "--channels", str(args.channels), "--heads",
-                                                 str(args.heads), "--threads", str(args.threads)])["peak_mib"]
+                                                 str(args.heads), "--threads", str(args.threads), "--device",
+                                                 args.device])["peak_mib"]
             t = median(times[impl])
             gf = gflop(impl, n, args.molecules, args.channels, args.heads)
             res[impl, n] = (t, mem)

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import fmt_table, interleaved, machine_line, matmul_peak, measure_step_memory, median, run_child  # noqa: E402,E501
+from _common import (add_device_argument, fmt_table, interleaved, machine_line, matmul_peak,  # noqa: E402
+                     measure_step_memory, median, resolve_device, run_child)
 from readout import copy_set_transformer_weights, executed_gflop as abp_gflop  # noqa: E402
 
 HOMO = 2  # QM9 target column (eV)
@@ -102,7 +103,7 @@ def make_step(model, batch, bf16: bool):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        ctx = torch.autocast(batch.pos.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with ctx:
             pred = model(batch)[:, 0]
         loss = (pred.float() - target).abs().mean()
@@ -128,7 +129,7 @@ def agreement(models, batch, bf16_variants):
     same = pred_diff < 1e-5 and grad_diff < 1e-3
     out = {"fp32": (same, f"pred {pred_diff:.0e}, grad {grad_diff:.0e}")}
     if bf16_variants:  # stated tolerance: relative L2 error of the predictions <= 1e-1
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(batch.pos.device.type, dtype=torch.bfloat16):
             pred16 = models["ours"](batch)[:, 0].float()
         err = ((pred16 - res["stock"][0]).norm() / res["stock"][0].norm()).item()
         out["bf16"] = (err < 1e-1, f"pred rel L2 err {err:.1e}, tol 1e-1")
@@ -164,11 +165,12 @@ def backbone_gflop(backbone: str, batch, quick: bool, fast: bool, checkpoint: bo
 
 def child(args) -> None:
     torch.set_num_threads(args.threads)
-    batch = load_batch(args.batch_size)
+    device = resolve_device(args.device)
+    batch = load_batch(args.batch_size).to(device)
     kind, bf16 = VARIANTS[args.child_variant]
-    model = build(args.child_backbone, kind, args.quick)
+    model = build(args.child_backbone, kind, args.quick).to(device)
     print(json.dumps(measure_step_memory(lambda: make_step(model, batch, bf16),
-                                         warmup=args.child_backbone == "schnet")))
+                                         warmup=args.child_backbone == "schnet", device=device)))
 
 
 def main(argv=None) -> int:
@@ -188,6 +190,7 @@ def main(argv=None) -> int:
                     help="flush sub-normal floats to zero (FTZ/DAZ) for every variant, stock included: "
                          "the speed-up without our explicit flush in the Gaussian features")
     ap.add_argument("--no-memory", action="store_true")
+    add_device_argument(ap)
     ap.add_argument("--no-ckpt", action="store_true",
                     help="also DimeNet++'s fast path without activation checkpointing (slow: ~7 GB)")
     ap.add_argument("--child-backbone", help=argparse.SUPPRESS)
@@ -209,12 +212,13 @@ def main(argv=None) -> int:
 
 def benchmark(args) -> int:
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     print(f"# Training step (forward+loss+backward+Adam) on {args.batch_size} QM9 molecules: ours vs stock"
           + (" (all variants with sub-normals flushed to zero)" if args.flush_denormal else ""))
-    print(f"# {machine_line(args.threads)}")
-    peak = matmul_peak(1024 if args.quick else 2048)
+    print(f"# {machine_line(args.threads, device)}")
+    peak = matmul_peak(1024 if args.quick else 2048, device=device)
     print(f"# matmul peak (2048^2): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    batch = load_batch(args.batch_size)
+    batch = load_batch(args.batch_size).to(device)
     sizes = torch.bincount(batch.batch).tolist()
     names = ["stock fp32", "ours fp32"] + ([] if args.no_bf16 else ["ours bf16"])
     if args.compile:
@@ -224,10 +228,11 @@ def benchmark(args) -> int:
     for backbone in args.backbones:
         cfg = config(backbone, args.quick)
         names = [n for n in all_names if "compile" not in n or backbone == "schnet"]
-        models = {"stock": build(backbone, "stock", args.quick), "ours": build(backbone, "ours", args.quick)}
+        models = {"stock": build(backbone, "stock", args.quick).to(device),
+                  "ours": build(backbone, "ours", args.quick).to(device)}
         if backbone == "dimenet++" and args.no_ckpt:
             names = names[:2] + ["ours fp32 no-ckpt"] + names[2:]
-            models["ours-nockpt"] = build(backbone, "ours-nockpt", args.quick)
+            models["ours-nockpt"] = build(backbone, "ours-nockpt", args.quick).to(device)
         check = agreement(models, batch, not args.no_bf16)
         compile_s = None
         if args.compile and backbone == "schnet":
@@ -241,7 +246,7 @@ def benchmark(args) -> int:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="abp-inductor-")
                 inductor_config.fx_graph_cache = False
                 functorch_config.enable_autograd_cache = False
-            models["ours-compile"] = build(backbone, "ours-compile", args.quick)
+            models["ours-compile"] = build(backbone, "ours-compile", args.quick).to(device)
             t0 = time.perf_counter()
             for bf16 in ([False] if args.no_bf16 else [False, True]):
                 make_step(models["ours-compile"], batch, bf16)()  # first call compiles
@@ -249,13 +254,14 @@ def benchmark(args) -> int:
             compile_s = time.perf_counter() - t0
         steps = {n: make_step(models[VARIANTS[n][0]], batch, VARIANTS[n][1]) for n in names}
         repeats = args.repeats or (2 if args.quick else (5 if backbone == "schnet" else 1))
-        times = interleaved(steps, repeats)
+        times = interleaved(steps, repeats, device=device)
         mem = {}
         if not args.no_memory:
             for n in names:
                 mem[n] = run_child(Path(__file__), ["--child-backbone", backbone, "--child-variant", n,
                                                     "--batch-size", str(args.batch_size), "--threads",
-                                                    str(args.threads)] + (["--quick"] if args.quick else []),
+                                                    str(args.threads), "--device", args.device]
+                                   + (["--quick"] if args.quick else []),
                                    timeout=1800)["peak_mib"]
         t_stock = median(times["stock fp32"])
         for n in names:

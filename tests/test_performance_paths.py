@@ -410,3 +410,99 @@ def test_fused_block_under_bf16_autocast(monkeypatch):
     names = ["output", "x"] + [n for n, _ in r.named_parameters()]
     for name, f, g, want in zip(names, fused, generic, ref):
         assert rel(f, want) <= 1.5 * rel(g, want) + 2e-3, name
+
+
+# ---------------------------------------------------------------- the three set-attention paths (issue 15)
+
+@pytest.mark.parametrize("path", ["padded", "blocks"])
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_each_path_matches_per_molecule_reference(path, kw):
+    """Forced onto the padded path (CUDA's) or the size-sorted blocks path, ABP gives the per-molecule
+    reference's outputs, atom weights and gradients (float64), empty molecule slots included."""
+    r = make(**kw)
+    sizes = [5, 1, 9, 5, 3, 9, 9, 2, 14, 5]
+    x, batch = features(sizes, seed=11)
+    with readouts.forced_set_attention_path(path):
+        assert torch.allclose(r(x, batch), abp_ref(r, x, batch), atol=1e-12)
+        assert torch.allclose(r.atom_weights(x, batch), weights_ref(r, x, batch), atol=1e-12)
+        out = r(x, batch * 2, dim_size=20)  # odd slots empty
+        x1 = x.clone().requires_grad_(True)
+        r(x1, batch).pow(2).sum().backward()
+    assert torch.allclose(out[::2], abp_ref(r, x, batch), atol=1e-12) and not out[1::2].isnan().any()
+    got = [x1.grad] + [p.grad.clone() for p in r.parameters()]
+    r.zero_grad()
+    x2 = x.clone().requires_grad_(True)
+    abp_ref(r, x2, batch).pow(2).sum().backward()
+    for a, b in zip(got, [x2.grad] + [p.grad for p in r.parameters()]):
+        assert torch.allclose(a, b, atol=1e-11)
+
+
+@pytest.mark.parametrize("group_rows", [None, 7])
+def test_native_path_in_batch_order_matches_reference(group_rows, monkeypatch):
+    """float32 on CPU: the native path (no size sorting, one molecule table per forward) gives the float64
+    reference's numbers to float32 rounding, in one row group or several, with empty slots."""
+    from abp_core import kernels
+
+    if not kernels.available():
+        pytest.skip(f"native kernels: {kernels.unavailable_reason()}")
+    if group_rows is not None:
+        monkeypatch.setattr(readouts, "_GROUP_ROWS", group_rows)
+    torch.manual_seed(0)
+    r = AttentionPooling(64, heads=4, num_seeds=2)
+    sizes = [5, 1, 29, 5, 3, 9, 9, 2, 14, 5]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(sizes), 64, generator=g)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    layout = readouts.SetLayout(batch, len(sizes), path="native")
+    assert layout.atom_order is None and layout.buckets is None
+    assert (len(layout.row_groups()) > 1) == (group_rows is not None)
+    calls = []
+    forward = kernels.attention_forward
+    monkeypatch.setattr(kernels, "attention_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    x1 = x.clone().requires_grad_(True)
+    out = r(x1, batch * 2, dim_size=2 * len(sizes))
+    assert calls and readouts.set_attention_path(x, 64, 4, 0.0) == "native"
+    out[::2].pow(2).sum().backward()  # the empty slots' outputs depend on the seeds only
+    r64 = AttentionPooling(64, heads=4, num_seeds=2).double()
+    r64.load_state_dict(r.state_dict())
+    x2 = x.double().requires_grad_(True)
+    want = abp_ref(r64, x2, batch)
+    want.pow(2).sum().backward()
+    assert torch.allclose(out[::2].double(), want, rtol=1e-4, atol=1e-5) and not out.isnan().any()
+    assert torch.allclose(x1.grad.double(), x2.grad, rtol=1e-3, atol=1e-4)
+    for (name, p), p64 in zip(r.named_parameters(), r64.parameters()):
+        assert torch.allclose(p.grad.double(), p64.grad, rtol=1e-3, atol=1e-4), name
+
+
+def test_set_attention_path_is_chosen_in_one_place():
+    from abp_core import kernels
+
+    x32 = torch.zeros(3, 64)
+    native = "native" if kernels.supports(x32.device, x32.dtype, 64, 4) else "blocks"
+    assert readouts.set_attention_path(x32, 64, 4, 0.0) == native
+    assert readouts.set_attention_path(x32.double(), 64, 4, 0.0) == "blocks"
+    assert readouts.set_attention_path(x32, 64, 4, 0.1) == "blocks"  # attention dropout: PyTorch's kernels
+    assert readouts.set_attention_path(x32, 64, 8, 0.0) == "blocks"  # head dimension 8: no native kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert readouts.set_attention_path(x32, 64, 4, 0.0) == "blocks"
+    assert readouts.set_attention_path(torch.zeros(3, 64, device="meta"), 64, 4, 0.0) == "padded"
+    with readouts.forced_set_attention_path("padded"):
+        assert readouts.set_attention_path(x32, 64, 4, 0.0) == "padded"
+    assert readouts.set_attention_path(x32, 64, 4, 0.0) == native
+    with pytest.raises(ValueError, match="path must be one of"):
+        with readouts.forced_set_attention_path("flex"):
+            pass
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_single_key_attention_is_its_value(queries):
+    """MAB over one key (the decoder after a one-seed PMA) skips q and k: the same numbers as the full
+    attention, with and without a query mask."""
+    torch.manual_seed(0)
+    block = readouts.MultiheadAttentionBlock(C, HEADS).double()
+    x = torch.randn(4, queries, C, dtype=torch.float64)
+    y = torch.randn(4, 1, C, dtype=torch.float64)
+    want = torch.stack([mab_ref(block, x[i], y[i]) for i in range(4)])
+    assert torch.allclose(block(x, y), want, atol=1e-13)
+    mask = torch.ones(4, queries, dtype=torch.bool)
+    assert torch.allclose(block(x, y, x_mask=mask), want, atol=1e-13)

@@ -502,6 +502,37 @@ void parallel_rows_summed(int64_t rows, int64_t cols, int threads, float* const 
         }
 }
 
+// Row kernels of the ReLU passes, with restrict-qualified pointers: a byte-wide mask store may alias
+// any float (char aliasing), which otherwise keeps the compiler from vectorising these loops (the
+// forward pass ran ~9x slower than the plain residual add).
+inline void relu_residual_row(float* __restrict z, const float* __restrict b, const float* __restrict h,
+                              uint8_t* __restrict mask, int64_t cols) {
+    if (h) {
+        for (int64_t c = 0; c < cols; ++c) {
+            const float a = z[c] + b[c];
+            mask[c] = a > 0.0f;
+            z[c] = h[c] + (a > 0.0f ? a : 0.0f);
+        }
+    } else {
+        for (int64_t c = 0; c < cols; ++c) {
+            const float a = z[c] + b[c];
+            mask[c] = a > 0.0f;
+            z[c] = a > 0.0f ? a : 0.0f;
+        }
+    }
+}
+
+inline void relu_backward_row(const float* __restrict gy, const uint8_t* __restrict mask, float* __restrict gz,
+                              float* __restrict sum_gz, float* __restrict sum_gy, int64_t cols) {
+    for (int64_t c = 0; c < cols; ++c) {
+        const float g = gy[c];
+        const float v = mask[c] ? g : 0.0f;
+        gz[c] = v;
+        sum_gz[c] += v;
+        sum_gy[c] += g;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -534,12 +565,7 @@ int abp_relu_residual(float* z, const float* b, const float* h, uint8_t* mask, i
                       int threads) {
     parallel_rows(rows, threads, [&](int64_t first, int64_t last, int) {
         for (int64_t r = first; r < last; ++r)
-            for (int64_t c = 0; c < cols; ++c) {
-                const float a = z[r * cols + c] + b[c];
-                const bool on = a > 0.0f;
-                mask[r * cols + c] = on;
-                z[r * cols + c] = (h ? h[r * cols + c] : 0.0f) + (on ? a : 0.0f);
-            }
+            relu_residual_row(z + r * cols, b, h ? h + r * cols : nullptr, mask + r * cols, cols);
     });
     return 0;
 }
@@ -558,15 +584,8 @@ int abp_relu_backward(const float* gy, const uint8_t* mask, float* gz, float* su
                       int64_t cols, int threads) {
     float* const sums[2] = {sum_gz, sum_gy};
     parallel_rows_summed<2>(rows, cols, threads, sums, [&](int64_t first, int64_t last, float* const* acc) {
-        float *az = acc[0], *ay = acc[1];
         for (int64_t r = first; r < last; ++r)
-            for (int64_t c = 0; c < cols; ++c) {
-                const float g = gy[r * cols + c];
-                const float v = mask[r * cols + c] ? g : 0.0f;
-                gz[r * cols + c] = v;
-                az[c] += v;
-                ay[c] += g;
-            }
+            relu_backward_row(gy + r * cols, mask + r * cols, gz + r * cols, acc[0], acc[1], cols);
     });
     return 0;
 }

@@ -1,0 +1,334 @@
+"""Benchmark: one training epoch (train + validation) with the package's own trainer, sum vs WA vs ABP.
+
+What a user feels is the epoch, not the readout alone: this runs :func:`abp_core.train.run_training`
+(Lightning trainer, the package's data loader, checkpoints, logging) unchanged, with the same data,
+split, seed and backbone, only the readout differing, and reads each epoch's time from the trainer's
+own ``history.csv`` (``epoch_time_s``: from the start of the training epoch to the end of its
+validation). Two configurations:
+
+* ``quickstart``: the quickstart's (``abp_core.quickstart.train_readouts``): the first 4,000 QM9
+  molecules, SchNet 64 hidden / 64 filters / 3 interactions, cutoff 5 A, batch 32, ABP with 4 heads;
+* ``paper``: paper-like: SchNet 128 / 128 / 6, cutoff 10 A, batch 128, ABP at its defaults (8 heads),
+  on a fixed random subset of QM9 (``--paper-molecules``, default 4,000, so that the script runs in
+  about 10 minutes on one core; the per-step costs do not depend on the number of molecules).
+
+Timing: in each round every readout trains one fresh run of ``--epochs-per-run`` epochs (interleaved:
+sum, WA, ABP, sum, WA, ABP, ...), so that load from other processes hits all alike; the first epoch of
+the first round is a warm-up and not counted. The table shows the median epoch time per readout and
+its ratio to sum's, with the train steps per epoch, and the same for the process's CPU time per epoch
+(with one thread the contention-robust cross-check: other processes' load inflates wall times, not it).
+
+Profile (``--no-profile`` to skip): where ABP's extra time goes. On batches from the same data
+loader, each phase of a training step is timed on its own (process CPU time on CPU, wall time on a
+GPU; median over steps, interleaved between the readouts): backbone forward, readout forward, head +
+loss, backward through head and readout (``torch.autograd.grad`` to the atom features and the head's
+and readout's parameters), backward through the backbone, optimiser step. Then ``torch.profiler``'s
+top operators of ABP's readout (forward + backward) by self time, and the readout's wall time not
+spent inside any operator (Python, autograd bookkeeping).
+
+    .venv/bin/python benchmarks/epoch.py --threads 1            # default run (~10 min on one core)
+    .venv/bin/python benchmarks/epoch.py --quick                # CI smoke run (tiny model, seconds)
+    .venv/bin/python benchmarks/epoch.py --configs quickstart   # one configuration
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from _common import add_device_argument, fmt_table, machine_line, median, resolve_device, synchronize  # noqa: E402
+
+READOUTS = ("sum", "wa", "abp")
+HOMO = "homo"
+
+
+def configs(args) -> Dict[str, dict]:
+    """name -> (dataset kind, molecules, SchNet hyperparameters, batch size, ABP options)."""
+    if args.quick:
+        return {"quick": dict(first=300, subset=None, hidden=16, interactions=1, cutoff=5.0, batch=32, abp={"heads": 1})}
+    out = {
+        "quickstart": dict(first=4000, subset=None, hidden=64, interactions=3, cutoff=5.0, batch=32, abp={"heads": 4}),
+        "paper": dict(first=None, subset=args.paper_molecules, hidden=128, interactions=6, cutoff=10.0, batch=128,
+                      abp={}),
+    }
+    return {k: v for k, v in out.items() if k in args.configs}
+
+
+def make_config(spec: dict, readout: str, max_epochs: int, output_dir: str, device: torch.device):
+    from abp_core.config import Config
+
+    return Config.from_dict({
+        "data": {"dataset": "qm9", "targets": [HOMO], "split": "random", "split_seed": 0, "subset": spec["subset"],
+                 "dataset_kwargs": {"max_molecules": spec["first"]} if spec["first"] else {}},
+        "model": {"backbone": "schnet", "readout": readout,
+                  "backbone_hparams": {"hidden_channels": spec["hidden"], "num_filters": spec["hidden"],
+                                       "num_interactions": spec["interactions"], "cutoff": spec["cutoff"]},
+                  "readout_hparams": {"abp": spec["abp"]}},
+        "trainer": {"max_epochs": max_epochs, "batch_size": spec["batch"], "lr": 5e-4, "seed": 0, "patience": None,
+                    "output_dir": output_dir, "progress_bar": False, "num_workers": 0,
+                    "accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1},
+    })
+
+
+def load_dataset(spec: dict, cache: dict):
+    from abp_core.data import get_dataset
+
+    key = spec["first"]
+    if key not in cache:
+        cache[key] = get_dataset("qm9", max_molecules=key) if key else get_dataset("qm9")
+    return cache[key]
+
+
+def _cpu_clock():
+    """Lightning callback recording the process's CPU time per epoch (train start to validation end), next
+    to the trainer's wall-clock ``epoch_time_s``: with one thread it equals the wall time on an idle
+    machine, and other processes' load does not inflate it (only their contention for caches)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class CpuClock(Callback):
+        def __init__(self):
+            self.times: List[float] = []
+            self._t0 = None
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._t0 = time.process_time()
+
+        def on_validation_end(self, trainer, pl_module):
+            if self._t0 is not None and not trainer.sanity_checking:
+                self.times.append(time.process_time() - self._t0)
+
+    return CpuClock()
+
+
+def epoch_times(spec: dict, dataset, args, device) -> Dict[str, Dict[str, List[float]]]:
+    """Epoch wall and CPU times (s) per readout from interleaved fresh runs of the real trainer."""
+    import csv
+    import logging
+
+    from abp_core.train import run_training
+
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")  # start-up chatter, the same for every readout
+    times: Dict[str, Dict[str, List[float]]] = {r: {"wall": [], "cpu": []} for r in args.readouts}
+    root = Path(tempfile.mkdtemp(prefix="abp-epoch-bench-"))
+    steps = {}
+    try:
+        for rnd in range(args.rounds):
+            for ro in args.readouts:
+                out = root / f"{ro}-{rnd}"
+                clock = _cpu_clock()
+                res = run_training(make_config(spec, ro, args.epochs_per_run, str(out), device), dataset=dataset,
+                                   callbacks=[clock])
+                with open(Path(res.run_dir) / "history.csv") as f:
+                    rows = list(csv.DictReader(f))
+                first = 1 if rnd == 0 else 0  # the very first epoch: warm-up
+                times[ro]["wall"].extend(float(r["epoch_time_s"]) for r in rows[first:])
+                times[ro]["cpu"].extend(clock.times[first:])
+                steps[ro] = int(rows[0]["global_step"])
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return times, steps[args.readouts[0]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Profile of one training step, phase by phase
+# ------------------------------------------------------------------------------------------------
+PHASES = ("backbone forward", "readout forward", "head + loss", "backward: head + readout", "backward: backbone",
+          "optimizer step")
+
+
+def phase_profile(spec: dict, dataset, args, device, num_batches: int):
+    """Median seconds per phase of a training step for each readout (same batches, interleaved)."""
+    from abp_core.train import AtomisticDataModule, AtomisticTask
+
+    tasks, opts = {}, {}
+    batches = None
+    for ro in args.readouts:
+        cfg = make_config(spec, ro, 1, tempfile.gettempdir(), device)
+        dm = AtomisticDataModule(cfg, dataset=dataset)
+        dm.setup()
+        if batches is None:
+            batches = [b.to(device) for _, b in zip(range(num_batches), dm.train_dataloader())]
+        torch.manual_seed(0)
+        task = AtomisticTask(cfg.to_dict(), dm.target_names, dm.target_units, dm.target_mean, dm.target_std,
+                             dm.train_elements, dm.target_indices).to(device)
+        task.train()
+        tasks[ro] = task
+        opt = task.configure_optimizers()
+        opts[ro] = opt["optimizer"] if isinstance(opt, dict) else opt
+    res = {ro: {p: [] for p in PHASES} for ro in args.readouts}
+    clock = time.process_time if device.type == "cpu" else time.perf_counter  # CPU: robust to other load
+
+    def step(ro, batch, record):
+        task, opt, marks = tasks[ro], opts[ro], []
+
+        def mark():
+            synchronize(device)
+            marks.append(clock())
+
+        model = task.model
+        opt.zero_grad(set_to_none=True)
+        mark()
+        h, vec = model.atom_features(batch)
+        mark()
+        pooled = model.readout(h, vec, dim_size=batch.num_graphs)
+        mark()
+        loss = torch.nn.functional.l1_loss(model.head(pooled).float(), task.standardize(batch.y.float()))
+        mark()
+        top = [p for m in (model.readout, model.head) for p in m.parameters()]
+        gh, *grads = torch.autograd.grad(loss, [h, *top])  # head and readout, parameter gradients included
+        for p, g in zip(top, grads):
+            p.grad = g
+        mark()
+        h.backward(gh)
+        mark()
+        opt.step()
+        mark()
+        if record:
+            for name, a, b in zip(PHASES, marks, marks[1:]):
+                res[ro][name].append(b - a)
+
+    for i, batch in enumerate(batches):
+        for ro in args.readouts:
+            step(ro, batch, record=i > 0)
+    return {ro: {p: median(v) for p, v in phases.items()} for ro, phases in res.items()}, batches, tasks
+
+
+def analytic_gflop(spec: dict, batches, heads: int) -> Dict[str, float]:
+    """Executed matmul + attention GFLOP of one training step (forward + backward = 3x forward, 2 FLOP per
+    multiply-add), mean over ``batches``: SchNet's fast path (filter network per undirected pair, three
+    atom-wise linear layers per interaction) and ABP at the trainer's defaults (input projection, 2 SABs
+    with q|k|v recomputed in the backward, PMA with k = 1 on the packed keys, one decoder over one seed
+    without q/k, output projection)."""
+    from abp_core.graph import radius_graph, undirected_pairs
+
+    h, t = spec["hidden"], spec["interactions"]
+    out = {"backbone": 0.0, "abp": 0.0}
+    for b in batches:
+        n, m = b.num_nodes, b.num_graphs
+        pairs = undirected_pairs(radius_graph(b.pos, spec["cutoff"], b.batch, 32), n)[0].numel()
+        out["backbone"] += 3 * 2 * t * (pairs * (50 * h + h * h) + n * 3 * h * h) / 1e9
+        sq = float((torch.bincount(b.batch).double() ** 2).sum())
+        fwd = (n * h * h + 2 * (5 * h * h * n + 2 * h * sq) + n * h * h + 2 * heads * h * n + 3 * m * h * h
+               + 3 * m * h * h + m * h * h)
+        out["abp"] += (3 * 2 * fwd + 2 * 2 * 3 * h * h * n) / 1e9
+    return {k: v / len(batches) for k, v in out.items()}
+
+
+def operator_profile(task, batches, device, top: int = 12):
+    """``torch.profiler`` table of the readout's forward + backward (top operators by self time), and
+    its wall time under the profiler spent outside any operator (both include the profiler's own overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    readout = task.model.readout
+    feats = [(task.model.atom_features(b)[0].detach().requires_grad_(), b.batch, b.num_graphs) for b in batches]
+
+    def run():
+        for x, vec, m in feats:
+            readout(x, vec, dim_size=m).sum().backward()
+        synchronize(device)
+
+    run()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        run()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    self_total = sum(e.self_cpu_time_total for e in events) / 1e6
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    table = [[e.key[:60], f"{e.count // len(feats)}", f"{e.self_cpu_time_total / len(feats):.0f}",
+              f"{100 * e.self_cpu_time_total / 1e6 / self_total:.0f} %"] for e in rows]
+    return table, wall / len(feats), self_total / len(feats)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model and data (CI smoke run, seconds)")
+    ap.add_argument("--configs", nargs="+", default=["quickstart", "paper"], choices=["quickstart", "paper"])
+    ap.add_argument("--readouts", nargs="+", default=list(READOUTS), choices=list(READOUTS))
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of fresh runs (default 3; quick 1)")
+    ap.add_argument("--epochs-per-run", type=int, default=None, help="epochs per run (default 2; quick 2)")
+    ap.add_argument("--paper-molecules", type=int, default=4000,
+                    help="QM9 molecules (fixed random subset) of the paper-like configuration (default 4000)")
+    ap.add_argument("--profile-batches", type=int, default=None, help="training steps profiled (default 20)")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_device_argument(ap)
+    args = ap.parse_args(argv)
+    if "sum" not in args.readouts:
+        ap.error("--readouts must include sum (the ratios are to sum)")
+    device = resolve_device(args.device)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.epochs_per_run = args.epochs_per_run or 2
+    if args.rounds == 1 and args.epochs_per_run < 2:
+        ap.error("one round needs at least 2 epochs per run (the first epoch is a warm-up)")
+    profile_batches = args.profile_batches or (3 if args.quick else 20)
+    torch.set_num_threads(args.threads)
+    print("# One training epoch (train + validation) with abp_core.train.run_training: sum vs WA vs ABP")
+    print(f"# {machine_line(args.threads, device)}")
+    cache: dict = {}
+    summary = []
+    for name, spec in configs(args).items():
+        t0 = time.perf_counter()
+        dataset = load_dataset(spec, cache)
+        times, steps = epoch_times(spec, dataset, args, device)
+        base = {k: median(times["sum"][k]) for k in ("wall", "cpu")}
+        rows = []
+        for ro in args.readouts:
+            wall, cpu = times[ro]["wall"], times[ro]["cpu"]
+            t, c = median(wall), median(cpu)
+            rows.append([name, ro, f"{t:.2f}", f"{min(wall):.2f}", f"{max(wall):.2f}", len(wall),
+                         f"{t / steps * 1e3:.1f}", f"{t / base['wall']:.3f}x", f"{c:.2f}",
+                         f"{c / base['cpu']:.3f}x"])
+            if ro != "sum":
+                summary.append(f"{name} {ro} {t / base['wall']:.3f}x (CPU time {c / base['cpu']:.3f}x)")
+        mols = spec["first"] or spec["subset"]
+        print(f"\n## {name}: QM9 {'first' if spec['first'] else 'random subset of'} {mols} molecules (80/10/10), "
+              f"SchNet {spec['hidden']}/{spec['hidden']}/{spec['interactions']}, cutoff {spec['cutoff']:g} A, "
+              f"batch {spec['batch']}, ABP {spec['abp'] or 'defaults'}; {steps} train steps per epoch; "
+              f"{args.rounds} round(s) x {args.epochs_per_run} epochs ({time.perf_counter() - t0:.0f} s)")
+        print(fmt_table(["config", "readout", "median epoch s", "min s", "max s", "epochs", "ms / train step",
+                         "vs sum", "median CPU s", "CPU vs sum"], rows))
+        if args.no_profile or "abp" not in args.readouts:
+            continue
+        phases, batches, tasks = phase_profile(spec, dataset, args, device, profile_batches)
+        prow = []
+        for p in PHASES:
+            cells = [f"{phases[ro][p] * 1e3:.2f}" for ro in args.readouts]
+            prow.append([p, *cells, f"{(phases['abp'][p] - phases['sum'][p]) * 1e3:+.2f}"])
+        step_total = {ro: sum(phases[ro].values()) for ro in args.readouts}
+        prow.append(["= model step", *[f"{step_total[ro] * 1e3:.2f}" for ro in args.readouts],
+                     f"{(step_total['abp'] - step_total['sum']) * 1e3:+.2f}"])
+        print(f"\n### {name}: one training step phase by phase (ms of {'CPU' if device.type == 'cpu' else 'wall'} "
+              f"time, median of {len(batches) - 1} steps, interleaved)")
+        print(fmt_table(["phase", *args.readouts, "abp - sum"], prow))
+        gf = analytic_gflop(spec, batches, spec["abp"].get("heads", 8))
+        t_bb = phases["sum"]["backbone forward"] + phases["sum"]["backward: backbone"]
+        t_ro = phases["abp"]["readout forward"] + phases["abp"]["backward: head + readout"]
+        print(f"# analytic GFLOP per training step (fwd+bwd): backbone {gf['backbone']:.3f} "
+              f"({gf['backbone'] / t_bb:.0f} GFLOP/s), ABP readout {gf['abp']:.3f} ({gf['abp'] / t_ro:.0f} GFLOP/s): "
+              f"ABP's arithmetic is {gf['abp'] / gf['backbone']:.0%} of the backbone's")
+        table, wall, inside = operator_profile(tasks["abp"], batches, device)
+        print(f"\n### {name}: ABP readout forward + backward per batch under torch.profiler: {wall * 1e3:.2f} ms "
+              f"wall, {inside * 1e3:.2f} ms inside operators (self time; Python inside an autograd.Function "
+              f"counts as its self time); outside any operator: {max(wall - inside, 0) * 1e3:.2f} ms")
+        print(fmt_table(["operator", "calls / batch", "self us / batch", "share"], table))
+    print("\nSUMMARY epoch: " + "; ".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Every benchmark script takes ``--device`` (default: cuda when available, else cpu), so that the same
+commands run unchanged on a GPU machine; an unavailable device is refused with a clear message."""
+import contextlib
+import importlib
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    yield lambda name: importlib.import_module(name)
+    sys.path.remove(str(BENCH))
+
+
+def test_every_script_is_covered():
+    assert {"epoch", "readout", "train_step", "attention", "scaling"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_accepts_device(bench, script):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        bench(script).main(["--device", "cpu", "--help"])  # parsed up to --help, which prints and exits
+    assert exit_info.value.code == 0
+    text = " ".join(out.getvalue().split())
+    assert "--device" in text, text
+    source = (BENCH / f"{script}.py").read_text()  # the default: cuda when available, else cpu
+    assert "add_device_argument(" in source or 'default="cuda" if torch.cuda.is_available() else "cpu"' in source
+
+
+def test_device_default_and_errors(bench):
+    common = bench("_common")
+    assert common.default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert common.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="--device"):
+        common.resolve_device("not-a-device")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            common.resolve_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.parametrize("script,args", [("epoch", ["--quick"]), ("readout", ["--quick", "--no-memory"]),
+                                         ("train_step", ["--quick", "--no-memory"]), ("attention", ["--quick"]),
+                                         ("scaling", ["--quick", "--no-memory"])])
+def test_unavailable_device_is_refused_before_any_work(bench, script, args, capsys):
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        bench(script).main(args + ["--device", "cuda"])
+
+
+def test_epoch_benchmark_quick(bench, capsys):
+    """benchmarks/epoch.py end to end (tiny model): the real trainer's epochs, ratios, the phase profile."""
+    threads = torch.get_num_threads()
+    try:
+        assert bench("epoch").main(["--quick", "--threads", "1", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].startswith("SUMMARY epoch: quick wa ")
+    for text in ("median epoch s", "CPU vs sum", "readout forward", "backward: head + readout", "optimizer step",
+                 "inside operators"):
+        assert text in out, text
