@@ -564,9 +564,10 @@ def evidence_rows(study: AttributionStudy, context: Mapping[str, Any]) -> pd.Dat
 
 def run_evidence_study(configs: Sequence[Tuple[str, Any]], datasets: Mapping[str, Any],
                        out_dir: Union[str, os.PathLike], *, command: str, n_random: int = 20,
-                       verbose: bool = True) -> pd.DataFrame:
+                       per_molecule_path: Union[None, str, os.PathLike] = None, verbose: bool = True) -> pd.DataFrame:
     """The attribution study on finished training runs, grouped by (dataset, target, seed), written to
-    ``out_dir`` (``summary.csv``, ``per_molecule.csv.gz``, ``across_seeds.csv``, ``meta.json``).
+    ``out_dir`` (``summary.csv``, ``across_seeds.csv``, ``tables.md``, ``meta.json``) and every molecule's
+    statistics to ``per_molecule_path`` (default ``out_dir/per_molecule.csv.gz``).
 
     ``configs``: ``(dataset name, Config)`` of finished runs (the trainer reuses them, training nothing new
     unless a run is missing).
@@ -617,7 +618,7 @@ def run_evidence_study(configs: Sequence[Tuple[str, Any]], datasets: Mapping[str
                   + study.compact_table().to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
     summary = pd.concat(rows, ignore_index=True)
     write_text(out / "summary.csv", summary.to_csv(index=False, float_format="%.6g"))
-    with atomic_path(out / "per_molecule.csv.gz") as tmp:
+    with atomic_path(Path(per_molecule_path) if per_molecule_path else out / "per_molecule.csv.gz") as tmp:
         pd.concat(per_mol, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g", compression="gzip")
     across = across_seeds(summary)
     write_text(out / "across_seeds.csv", across.to_csv(index=False, float_format="%.6g"))

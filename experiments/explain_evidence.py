@@ -128,7 +128,8 @@ def train() -> None:
 def analyse() -> None:
     from abp_core.attribution_study import run_evidence_study
 
-    run_evidence_study(configs(), datasets(), OUT, n_random=10,
+    # per-molecule statistics (1.7 MB) stay beside the runs, not in the repository
+    run_evidence_study(configs(), datasets(), OUT, n_random=10, per_molecule_path=RUNS / "per_molecule.csv.gz",
                        command="python experiments/explain_evidence.py analyse")
 
 
