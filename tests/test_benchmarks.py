@@ -27,6 +27,7 @@ def bench():
     ("train_step", ["--quick", "--no-memory", "--no-bf16", "--backbones", "schnet", "--flush-denormal"]),
     ("fast_path_accuracy", ["--quick", "--seeds", "0", "--variants", "stock fp32", "ours fp32"]),
     ("predict", ["--quick"]),  # abp predict from SMILES with a shipped model, MMFF and xTB geometries
+    ("explain", ["--quick", "--readouts", "sum,abp"]),  # every attribution method and faithfulness
 ])
 def test_benchmark_quick(bench, script, args, capsys):
     # one thread: tiny problems on a busy shared machine are otherwise dominated by thread hand-offs
