@@ -18,6 +18,9 @@ the first round is a warm-up and not counted. The table shows the median epoch t
 its ratio to sum's, with the train steps per epoch, and the same for the process's CPU time per epoch
 (with one thread the contention-robust cross-check: other processes' load inflates wall times, not it).
 
+``--baseline DIR`` adds sum and ABP with an older copy of the package (``DIR/abp_core``, imported as
+``abp_core_baseline``) to the same interleaved rounds: the before/after comparison of a change, side by side.
+
 Profile (``--no-profile`` to skip): where ABP's extra time goes. On batches from the same data
 loader, each phase of a training step is timed on its own (process CPU time on CPU, wall time on a
 GPU; median over steps, interleaved between the readouts): backbone forward, readout forward, head +
@@ -62,9 +65,37 @@ def configs(args) -> Dict[str, dict]:
     return {k: v for k, v in out.items() if k in args.configs}
 
 
-def make_config(spec: dict, readout: str, max_epochs: int, output_dir: str, device: torch.device):
-    from abp_core.config import Config
+BASELINE = "abp_core_baseline"
 
+
+def load_baseline(folder: str) -> None:
+    """Import ``folder/abp_core`` (an older copy of the package, e.g. ``git archive <rev> abp_core | tar -x -C
+    folder``) as the package ``abp_core_baseline``, next to the current one (its imports are relative)."""
+    import importlib.util
+
+    init = Path(folder).expanduser().resolve() / "abp_core" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {folder}: no abp_core/__init__.py there")
+    spec = importlib.util.spec_from_file_location(BASELINE, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BASELINE] = module
+    spec.loader.exec_module(module)
+
+
+def variants(args) -> List[tuple]:
+    """``(label, readout, package)`` of every compared variant: the readouts with this package, and sum and ABP
+    with the baseline package if one is given."""
+    out = [(ro, ro, "abp_core") for ro in args.readouts]
+    if args.baseline:
+        out += [(f"{ro}@baseline", ro, BASELINE) for ro in ("sum", "abp") if ro in args.readouts]
+    return out
+
+
+def make_config(spec: dict, readout: str, max_epochs: int, output_dir: str, device: torch.device,
+                package: str = "abp_core"):
+    import importlib
+
+    Config = importlib.import_module(f"{package}.config").Config
     return Config.from_dict({
         "data": {"dataset": "qm9", "targets": [HOMO], "split": "random", "split_seed": 0, "subset": spec["subset"],
                  "dataset_kwargs": {"max_molecules": spec["first"]} if spec["first"] else {}},
@@ -90,7 +121,8 @@ def load_dataset(spec: dict, cache: dict):
 def _cpu_clock():
     """Lightning callback recording the process's CPU time per epoch (train start to validation end), next
     to the trainer's wall-clock ``epoch_time_s``: with one thread it equals the wall time on an idle
-    machine, and other processes' load does not inflate it (only their contention for caches)."""
+    machine and leaves out the time spent waiting for a CPU; it still grows when another process shares
+    the core (SMT siblings) or, in a VM, when the host takes the virtual CPU away (steal)."""
     from lightning.pytorch.callbacks import Callback
 
     class CpuClock(Callback):
@@ -109,33 +141,32 @@ def _cpu_clock():
 
 
 def epoch_times(spec: dict, dataset, args, device) -> Dict[str, Dict[str, List[float]]]:
-    """Epoch wall and CPU times (s) per readout from interleaved fresh runs of the real trainer."""
+    """Epoch wall and CPU times (s) per variant from interleaved fresh runs of the real trainer."""
     import csv
+    import importlib
     import logging
-
-    from abp_core.train import run_training
-
     import warnings
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")  # start-up chatter, the same for every readout
-    times: Dict[str, Dict[str, List[float]]] = {r: {"wall": [], "cpu": []} for r in args.readouts}
+    times: Dict[str, Dict[str, List[float]]] = {v[0]: {"wall": [], "cpu": []} for v in variants(args)}
     root = Path(tempfile.mkdtemp(prefix="abp-epoch-bench-"))
     steps = {}
     try:
         for rnd in range(args.rounds):
-            for ro in args.readouts:
-                out = root / f"{ro}-{rnd}"
+            for label, ro, package in variants(args):
+                out = root / f"{label}-{rnd}"
                 clock = _cpu_clock()
-                res = run_training(make_config(spec, ro, args.epochs_per_run, str(out), device), dataset=dataset,
-                                   callbacks=[clock])
+                run_training = importlib.import_module(f"{package}.train").run_training
+                res = run_training(make_config(spec, ro, args.epochs_per_run, str(out), device, package),
+                                   dataset=dataset, callbacks=[clock])
                 with open(Path(res.run_dir) / "history.csv") as f:
                     rows = list(csv.DictReader(f))
                 first = 1 if rnd == 0 else 0  # the very first epoch: warm-up
-                times[ro]["wall"].extend(float(r["epoch_time_s"]) for r in rows[first:])
-                times[ro]["cpu"].extend(clock.times[first:])
-                steps[ro] = int(rows[0]["global_step"])
+                times[label]["wall"].extend(float(r["epoch_time_s"]) for r in rows[first:])
+                times[label]["cpu"].extend(clock.times[first:])
+                steps[label] = int(rows[0]["global_step"])
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -150,13 +181,15 @@ PHASES = ("backbone forward", "readout forward", "head + loss", "backward: head 
 
 
 def phase_profile(spec: dict, dataset, args, device, num_batches: int):
-    """Median seconds per phase of a training step for each readout (same batches, interleaved)."""
-    from abp_core.train import AtomisticDataModule, AtomisticTask
+    """Median seconds per phase of a training step for each variant (same batches, interleaved)."""
+    import importlib
 
     tasks, opts = {}, {}
     batches = None
-    for ro in args.readouts:
-        cfg = make_config(spec, ro, 1, tempfile.gettempdir(), device)
+    for ro, readout, package in variants(args):
+        train = importlib.import_module(f"{package}.train")
+        AtomisticDataModule, AtomisticTask = train.AtomisticDataModule, train.AtomisticTask
+        cfg = make_config(spec, readout, 1, tempfile.gettempdir(), device, package)
         dm = AtomisticDataModule(cfg, dataset=dataset)
         dm.setup()
         if batches is None:
@@ -168,7 +201,7 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
         tasks[ro] = task
         opt = task.configure_optimizers()
         opts[ro] = opt["optimizer"] if isinstance(opt, dict) else opt
-    res = {ro: {p: [] for p in PHASES} for ro in args.readouts}
+    res = {v[0]: {p: [] for p in PHASES} for v in variants(args)}
     clock = time.process_time if device.type == "cpu" else time.perf_counter  # CPU: robust to other load
 
     def step(ro, batch, record):
@@ -201,7 +234,7 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
                 res[ro][name].append(b - a)
 
     for i, batch in enumerate(batches):
-        for ro in args.readouts:
+        for ro, _, _ in variants(args):
             step(ro, batch, record=i > 0)
     return {ro: {p: median(v) for p, v in phases.items()} for ro, phases in res.items()}, batches, tasks
 
@@ -265,6 +298,9 @@ def main(argv=None) -> int:
                     help="QM9 molecules (fixed random subset) of the paper-like configuration (default 4000)")
     ap.add_argument("--profile-batches", type=int, default=None, help="training steps profiled (default 20)")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also time sum and ABP with an older copy of the package in DIR/abp_core (e.g. "
+                         "`git archive <rev> abp_core | tar -x -C DIR`), interleaved with the current one")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     add_device_argument(ap)
     args = ap.parse_args(argv)
@@ -276,6 +312,8 @@ def main(argv=None) -> int:
     if args.rounds == 1 and args.epochs_per_run < 2:
         ap.error("one round needs at least 2 epochs per run (the first epoch is a warm-up)")
     profile_batches = args.profile_batches or (3 if args.quick else 20)
+    if args.baseline:
+        load_baseline(args.baseline)
     torch.set_num_threads(args.threads)
     print("# One training epoch (train + validation) with abp_core.train.run_training: sum vs WA vs ABP")
     print(f"# {machine_line(args.threads, device)}")
@@ -285,16 +323,23 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         dataset = load_dataset(spec, cache)
         times, steps = epoch_times(spec, dataset, args, device)
-        base = {k: median(times["sum"][k]) for k in ("wall", "cpu")}
         rows = []
-        for ro in args.readouts:
+        for ro, readout, package in variants(args):
+            suffix = ro[len(readout):]  # "" or "@baseline": each variant's ratio is to the sum of its own package
+            base = {k: median(times["sum" + suffix][k]) for k in ("wall", "cpu")}
             wall, cpu = times[ro]["wall"], times[ro]["cpu"]
             t, c = median(wall), median(cpu)
             rows.append([name, ro, f"{t:.2f}", f"{min(wall):.2f}", f"{max(wall):.2f}", len(wall),
                          f"{t / steps * 1e3:.1f}", f"{t / base['wall']:.3f}x", f"{c:.2f}",
                          f"{c / base['cpu']:.3f}x"])
-            if ro != "sum":
+            if readout != "sum":
                 summary.append(f"{name} {ro} {t / base['wall']:.3f}x (CPU time {c / base['cpu']:.3f}x)")
+        if args.baseline:
+            for ro in ("sum", "abp"):
+                if ro in args.readouts:
+                    now, was = (median(times[k]["wall"]) for k in (ro, f"{ro}@baseline"))
+                    cnow, cwas = (median(times[k]["cpu"]) for k in (ro, f"{ro}@baseline"))
+                    summary.append(f"{name} {ro} epoch now / baseline {now / was:.3f}x (CPU time {cnow / cwas:.3f}x)")
         mols = spec["first"] or spec["subset"]
         print(f"\n## {name}: QM9 {'first' if spec['first'] else 'random subset of'} {mols} molecules (80/10/10), "
               f"SchNet {spec['hidden']}/{spec['hidden']}/{spec['interactions']}, cutoff {spec['cutoff']:g} A, "
@@ -305,16 +350,17 @@ def main(argv=None) -> int:
         if args.no_profile or "abp" not in args.readouts:
             continue
         phases, batches, tasks = phase_profile(spec, dataset, args, device, profile_batches)
+        labels = [v[0] for v in variants(args)]
+        diffs = [s for s in ("", "@baseline") if f"abp{s}" in phases and f"sum{s}" in phases]
+        for ro in labels:
+            phases[ro]["= model step"] = sum(phases[ro].values())
         prow = []
-        for p in PHASES:
-            cells = [f"{phases[ro][p] * 1e3:.2f}" for ro in args.readouts]
-            prow.append([p, *cells, f"{(phases['abp'][p] - phases['sum'][p]) * 1e3:+.2f}"])
-        step_total = {ro: sum(phases[ro].values()) for ro in args.readouts}
-        prow.append(["= model step", *[f"{step_total[ro] * 1e3:.2f}" for ro in args.readouts],
-                     f"{(step_total['abp'] - step_total['sum']) * 1e3:+.2f}"])
+        for p in PHASES + ("= model step",):
+            cells = [f"{phases[ro][p] * 1e3:.2f}" for ro in labels]
+            prow.append([p, *cells, *(f"{(phases['abp' + s][p] - phases['sum' + s][p]) * 1e3:+.2f}" for s in diffs)])
         print(f"\n### {name}: one training step phase by phase (ms of {'CPU' if device.type == 'cpu' else 'wall'} "
               f"time, median of {len(batches) - 1} steps, interleaved)")
-        print(fmt_table(["phase", *args.readouts, "abp - sum"], prow))
+        print(fmt_table(["phase", *labels, *(f"abp{s} - sum{s}" for s in diffs)], prow))
         gf = analytic_gflop(spec, batches, spec["abp"].get("heads", 8))
         t_bb = phases["sum"]["backbone forward"] + phases["sum"]["backward: backbone"]
         t_ro = phases["abp"]["readout forward"] + phases["abp"]["backward: head + readout"]

@@ -68,3 +68,18 @@ def test_epoch_benchmark_quick(bench, capsys):
     for text in ("median epoch s", "CPU vs sum", "readout forward", "backward: head + readout", "optimizer step",
                  "inside operators"):
         assert text in out, text
+
+
+def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):
+    """--baseline imports another copy of the package (here: this one) and interleaves it with the current one."""
+    root = BENCH.parent
+    threads = torch.get_num_threads()
+    try:
+        assert bench("epoch").main(["--quick", "--threads", "1", "--device", "cpu", "--no-profile", "--readouts",
+                                    "sum", "abp", "--baseline", str(root)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        for name in [m for m in sys.modules if m == "abp_core_baseline" or m.startswith("abp_core_baseline.")]:
+            del sys.modules[name]
+    out = capsys.readouterr().out
+    assert "abp@baseline" in out and "quick abp epoch now / baseline" in out.splitlines()[-1]
