@@ -33,7 +33,7 @@ from .stats import milli_unit as _milli
 __all__ = ["AttributionStudy", "attribution_study", "study_models", "orbital_for_target", "method_label",
            "deletion_summary", "run_evidence_study", "across_seeds", "evidence_markdown"]
 
-_READOUT_NAMES = {"sum": "sum", "mean": "mean", "max": "max", "wa": "WA", "owa": "OWA", "abp": "ABP"}
+from .readouts import READOUT_LABELS as _READOUT_NAMES  # noqa: E402  (one table of display names)
 _METHOD_NAMES = {"weights": "weights", "rollout": "rollout", "gradient": "gradient",
                  "input_x_gradient": "input x gradient", "integrated_gradients": "integrated gradients",
                  "occlusion": "occlusion"}

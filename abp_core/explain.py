@@ -200,14 +200,6 @@ def _check_target(model, h: Tensor, vec: Tensor, num_molecules: int, target) -> 
 # ------------------------------------------------------------------------------------------------------
 # attention rollout
 # ------------------------------------------------------------------------------------------------------
-def _mean_heads(a: Tensor) -> Tensor:
-    return a.mean(dim=1)
-
-
-def _relu_linear(lin, x: Tensor) -> Tensor:
-    return torch.relu(lin(x))
-
-
 def attention_rollout(readout: AttentionPooling, h: Tensor, batch: Tensor, num_molecules: int, *,
                       head: Optional[int] = None, seed: Optional[int] = None) -> Tensor:
     r"""Raw rollout ``[num_atoms]`` of an ABP readout on readout inputs ``h`` (see the module docstring).
@@ -225,23 +217,23 @@ def attention_rollout(readout: AttentionPooling, h: Tensor, batch: Tensor, num_m
     n = x.size(1)
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
     if readout.input_lin is not None:
-        x = _relu_linear(readout.input_lin, x)
+        x = torch.relu(readout.input_lin(x))
     mixes = []
     for block in readout.encoders:
         if isinstance(block, MultiheadAttentionBlock):
-            a = _mean_heads(block.attention_weights(x, x, y_mask=mask))  # [M, n, n]
+            a = block.attention_weights(x, x, y_mask=mask).mean(dim=1)  # [M, n, n]
             x = block(x, x, x_mask=mask, y_mask=mask)
         elif isinstance(block, InducedSetAttentionBlock):
             induced = block.induced.expand(x.size(0), -1, -1)
-            a1 = _mean_heads(block.mab1.attention_weights(induced, x, y_mask=mask))  # [M, m, n]
+            a1 = block.mab1.attention_weights(induced, x, y_mask=mask).mean(dim=1)  # [M, m, n]
             hidden = block.mab1(induced, x, y_mask=mask)
-            a2 = _mean_heads(block.mab2.attention_weights(x, hidden))  # [M, n, m]
+            a2 = block.mab2.attention_weights(x, hidden).mean(dim=1)  # [M, n, m]
             a = a2 @ a1
             x = block.mab2(x, hidden, x_mask=mask)
         else:  # pragma: no cover - no other encoder block exists
             raise ValueError(f"rollout does not know encoder block {type(block).__name__}")
         mixes.append((a + eye) / 2)
-    keys = _relu_linear(readout.pma_lin, x)
+    keys = torch.relu(readout.pma_lin(x))
     seeds = readout.seeds.expand(x.size(0), -1, -1)
     p = readout.pma.attention_weights(seeds, keys, y_mask=mask)  # [M, H, k, n]
     p = p.mean(dim=1) if head is None else p[:, head]

@@ -43,6 +43,7 @@ __all__ = [
     "forced_set_attention_path",
     "padded_self_attention",
     "READOUTS",
+    "READOUT_LABELS",
     "build_readout",
 ]
 
@@ -1247,6 +1248,10 @@ READOUTS = {
     "owa": OrbitalWeightedAveragePooling,
     "abp": AttentionPooling,
 }
+
+
+#: How tables and figures name each readout.
+READOUT_LABELS = {"sum": "sum", "mean": "mean", "max": "max", "wa": "WA", "owa": "OWA", "abp": "ABP"}
 
 
 def build_readout(name: str, in_channels: int, **kwargs) -> Readout:
