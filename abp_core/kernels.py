@@ -1,5 +1,7 @@
-"""Native CPU kernels (``csrc/set_attention.cpp``): ABP's self-attention, and SchNet's filter network
-and pair message passing (:func:`shifted_softplus`, :func:`bias_scale_rows`, :func:`pair_mul_scatter`).
+"""Native CPU kernels (``csrc/set_attention.cpp``): ABP's self-attention, its molecule table and PMA
+pooling (:func:`batch_table`, :func:`pma_pool_forward`; used by :mod:`abp_core.native_readout`), and
+SchNet's filter network and pair message passing (:func:`shifted_softplus`, :func:`bias_scale_rows`,
+:func:`pair_mul_scatter`).
 
 Exact fp32 multi-head self-attention within each molecule of size-sorted packed atoms, forward
 and backward, for head dimensions 16, 32 and 64, and the element-wise passes around it fused
@@ -41,10 +43,11 @@ from .files import atomic_path
 __all__ = ["available", "unavailable_reason", "applies", "supports", "disabled", "molecule_table", "attention_forward",
            "attention_backward", "relu_residual", "add_residual", "relu_backward", "shifted_softplus",
            "shifted_softplus_backward", "pair_mul_scatter", "pair_mul_scatter_backward", "bias_scale_rows", "scale_rows_backward",
-           "linear_epilogue", "native_linear", "NativeKernelWarning"]
+           "linear_epilogue", "native_linear", "batch_table", "pma_pool_forward", "pma_pool_backward",
+           "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
-ABI_VERSION = 5
+ABI_VERSION = 7
 HEAD_DIMS = (16, 32, 64)
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native", "-mprefer-vector-width=512"]
 
@@ -112,11 +115,16 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.abp_pair_mul_scatter_backward.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i32]
     lib.abp_bias_scale_rows.argtypes = [p, p, p, i64, i64, i32]
     lib.abp_scale_rows_backward.argtypes = [p, p, p, p, i64, i64, i32]
+    lib.abp_batch_table.argtypes = [p, i64, i64, p, p]
+    lib.abp_pma_pool_forward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.abp_pma_pool_backward.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i32]
     for f in (lib.abp_set_attention_forward, lib.abp_set_attention_backward, lib.abp_relu_residual,
               lib.abp_add_residual, lib.abp_relu_backward, lib.abp_shifted_softplus,
               lib.abp_shifted_softplus_backward, lib.abp_pair_mul_scatter, lib.abp_pair_mul_scatter_backward,
-              lib.abp_bias_scale_rows, lib.abp_scale_rows_backward):
+              lib.abp_bias_scale_rows, lib.abp_scale_rows_backward, lib.abp_pma_pool_forward,
+              lib.abp_pma_pool_backward):
         f.restype = i32
+    lib.abp_batch_table.restype = i64
     return lib
 
 
@@ -401,6 +409,59 @@ def scale_rows_backward(grad: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
     out, sums = torch.empty_like(grad), grad.new_empty(cols)
     _lib().abp_scale_rows_backward(_ptr(grad), _ptr(scale), _ptr(out), _ptr(sums), rows, cols, torch.get_num_threads())
     return out, sums
+
+
+def batch_table(batch: Tensor, num_molecules: int) -> Tuple[Tensor, Tensor, int]:
+    """First row and size (int64, ``[M]``; empty molecules: size 0) of every molecule of a sorted batch vector,
+    and the number of non-empty molecules, in one pass; ``ValueError`` if the vector is not sorted or an id
+    lies outside ``[0, num_molecules)``."""
+    batch = batch.contiguous()
+    _rows("batch", batch, (batch.numel(),), torch.int64)
+    starts = torch.empty(num_molecules, dtype=torch.int64)
+    sizes = torch.empty(num_molecules, dtype=torch.int64)
+    present = _lib().abp_batch_table(_ptr(batch), batch.numel(), num_molecules, _ptr(starts), _ptr(sizes))
+    if present == -1:
+        raise ValueError("batch vector must be sorted (atoms of one molecule contiguous, molecules in order)")
+    if present == -2:
+        raise ValueError(f"batch vector has molecule ids outside [0, {num_molecules})")
+    return starts, sizes, present
+
+
+def _pool_shapes(z: Tensor, starts: Tensor, sizes: Tensor, heads: int, what: str) -> Tuple[int, int, int]:
+    n, c = z.shape
+    _rows("z", z, (n, c))
+    m = starts.numel()
+    _rows("starts", starts, (m,), torch.int64)
+    _rows("sizes", sizes, (m,), torch.int64)
+    if m and (int(sizes.min()) < 0 or int(starts.min()) < 0 or int((starts + sizes).max()) > n):
+        raise ValueError(f"{what}: the molecule table reaches outside the {n} rows")
+    return n, c, m
+
+
+def pma_pool_forward(scores: Tensor, z: Tensor, starts: Tensor, sizes: Tensor) -> Tuple[Tensor, Tensor]:
+    """PMA pooling with one seed: per molecule (rows ``starts[m] ..+ sizes[m]``) and head, the softmax ``a``
+    ``[N, H]`` of ``scores`` ``[N, H]`` over the molecule's atoms and ``pooled[m, h] = sum_i a[i, h] z[i]``
+    ``[M, H, C]`` (empty molecules: zeros). Returns ``(a, pooled)``."""
+    n, c, m = _pool_shapes(z, starts, sizes, scores.size(-1), "pma_pool_forward")
+    heads = scores.size(1)
+    _rows("scores", scores, (n, heads))
+    a, pooled = z.new_empty(n, heads), z.new_empty(m, heads, c)
+    _lib().abp_pma_pool_forward(_ptr(scores), _ptr(z), _ptr(a), _ptr(pooled), _ptr(starts), _ptr(sizes), m, heads, c,
+                                torch.get_num_threads())
+    return a, pooled
+
+
+def pma_pool_backward(grad: Tensor, z: Tensor, a: Tensor, starts: Tensor, sizes: Tensor) -> Tuple[Tensor, Tensor]:
+    """Backward of :func:`pma_pool_forward` from ``grad`` = dL/dpooled ``[M, H, C]``: ``(dL/dz [N, C] through the
+    weighted sums, dL/dscores [N, H])``."""
+    n, c, m = _pool_shapes(z, starts, sizes, a.size(-1), "pma_pool_backward")
+    heads = a.size(1)
+    _rows("a", a, (n, heads))
+    _rows("grad", grad, (m, heads, c))
+    gz, gs = z.new_empty(n, c), z.new_empty(n, heads)
+    _lib().abp_pma_pool_backward(_ptr(grad), _ptr(z), _ptr(a), _ptr(gz), _ptr(gs), _ptr(starts), _ptr(sizes), m, heads,
+                                 c, torch.get_num_threads())
+    return gz, gs
 
 
 class _LinearEpilogue(torch.autograd.Function):

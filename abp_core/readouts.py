@@ -23,7 +23,7 @@ from torch.nn import LayerNorm, Linear, Parameter
 from torch_geometric.nn.aggr import Aggregation
 from torch_geometric.utils import softmax
 
-from . import kernels
+from . import kernels, native_readout
 from .graph import check_batch_vector
 
 __all__ = [
@@ -1133,9 +1133,11 @@ class AttentionPooling(Readout):
             SABs: time ``O(n m)`` instead of ``O(n^2)`` per molecule, memory linear in the number
             of atoms (default ``None``: SABs, the paper; with flash attention their memory is
             linear in ``n`` too, see ``benchmarks/scaling.py``).
-        recompute: recompute each SAB's ``q|k|v`` in the backward instead of storing it (default
-            ``True``: about half the training memory for one extra matmul per SAB; see
-            :class:`_FusedSelfAttentionBlock`).
+        recompute: recompute each SAB's ``q|k|v`` in the backward instead of storing it (``True``:
+            about half the readout's training memory for one extra matmul per SAB, ~14 % of its
+            FLOPs; see :class:`_FusedSelfAttentionBlock`). Default ``None``: only when one SAB's
+            ``q|k|v`` would exceed :data:`abp_core.native_readout.KEEP_QKV_BYTES` (16 MiB, about
+            22,000 atoms at 64 channels), so small batches skip the extra matmul.
         bucket_ratio: accepted for backward compatibility and ignored (see the implementation
             note below: no path pads the per-atom linear layers).
 
@@ -1145,8 +1147,10 @@ class AttentionPooling(Readout):
     per group of a few thousand atoms in the batch's own order (no sorting, no padding, no per-block
     loop); on CUDA one masked attention call on padded sets; otherwise (float64, bf16 autocast,
     dropout) PyTorch's CPU flash attention per block of equal-size molecules of a size-sorted batch.
-    On CPU each SAB is one autograd node with a hand-written, low-memory backward
-    (:class:`_FusedSelfAttentionBlock`); the PMA is computed on the packed keys with a per-molecule
+    With the paper's layout (SAB encoders, one seed, no layer norms) on the native path the whole
+    readout is one autograd node (:mod:`abp_core.native_readout`: straight-line forward and
+    backward, no per-module dispatch); otherwise on CPU each SAB is one autograd node with a
+    hand-written, low-memory backward (:class:`_FusedSelfAttentionBlock`); the PMA is computed on the packed keys with a per-molecule
     softmax, projecting keys and values per molecule instead of per atom; a decoder over one seed
     skips its softmax (its weight is exactly 1). Same numbers as PyG's ``SetTransformerAggregation`` (fp32
     ``allclose``, float64 to 1e-15).
@@ -1159,7 +1163,8 @@ class AttentionPooling(Readout):
                  num_encoder_blocks: int = 2, num_seeds: int = 1, num_decoder_blocks: int = 1,
                  concat: bool = False, layer_norm: bool = False, dropout: float = 0.0,
                  input_projection: bool = True, output_projection: bool = True,
-                 num_induced_points: Optional[int] = None, recompute: bool = True, bucket_ratio: float = 1.0):
+                 num_induced_points: Optional[int] = None, recompute: Optional[bool] = None,
+                 bucket_ratio: float = 1.0):
         hidden = hidden_channels or in_channels
         if hidden % heads != 0:
             raise ValueError(f"heads ({heads}) must divide hidden_channels ({hidden})")
@@ -1209,8 +1214,9 @@ class AttentionPooling(Readout):
         x = layout.to_sorted(x)
         if self.input_lin is not None:
             x = linear_relu(self.input_lin, x)
+        recompute = self.recomputes(x.size(0))
         for block in self.encoders:
-            x = (block.forward_packed(x, layout, recompute=self.recompute)
+            x = (block.forward_packed(x, layout, recompute=recompute)
                  if isinstance(block, MultiheadAttentionBlock) else block.forward_packed(x, layout))
         return linear_relu(self.pma_lin, x), layout
 
@@ -1219,7 +1225,17 @@ class AttentionPooling(Readout):
         keys, layout = self._encode_sorted(x, batch, dim_size)
         return layout.atoms_to_batch_order(keys), layout
 
+    def recomputes(self, num_atoms: int) -> bool:
+        """Do the SABs recompute ``q|k|v`` in the backward for a batch of ``num_atoms`` atoms?"""
+        if self.recompute is not None:
+            return self.recompute
+        return num_atoms * 3 * self.hidden_channels * 4 > native_readout.KEEP_QKV_BYTES
+
     def pool(self, x, batch, dim_size):
+        path = set_attention_path(x, self.hidden_channels, self.heads, self.pma._dropout())
+        params = native_readout.parameters(self, x, path)
+        if params is not None:  # the whole readout as one autograd node (exact; see abp_core.native_readout)
+            return native_readout.attention_pooling(self, x, batch, dim_size, params)
         keys, layout = self._encode_sorted(x, batch, dim_size)
         h = self.pma.pool_packed(self.seeds[0], keys, layout)  # [num_molecules, k, C]
         for block in self.decoders:

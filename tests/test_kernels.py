@@ -1,4 +1,5 @@
 """The native CPU kernels (abp_core/kernels.py, csrc/set_attention.cpp) against PyTorch."""
+import contextlib
 import math
 import os
 import warnings
@@ -177,9 +178,13 @@ def abp_step(r, x, batch):
     return [out.detach(), x.grad] + [p.grad.clone() for p in r.parameters()]
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-readout", "per-module"])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_attention_pooling_native_equals_pytorch_path(recompute):
-    """AttentionPooling with the native kernels vs with PyTorch's (flash attention, element-wise ops)."""
+def test_attention_pooling_native_equals_pytorch_path(recompute, whole):
+    """AttentionPooling with the native kernels (the whole readout as one node, abp_core.native_readout, or
+    module by module) vs with PyTorch's (flash attention, element-wise ops)."""
+    from abp_core import native_readout
+
     torch.manual_seed(0)
     r = AttentionPooling(64, heads=4, recompute=recompute)
     g = torch.Generator().manual_seed(1)
@@ -190,10 +195,11 @@ def test_attention_pooling_native_equals_pytorch_path(recompute):
     forward = kernels.attention_forward
     kernels.attention_forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
     try:
-        native = abp_step(r, x, batch)
+        with (contextlib.nullcontext() if whole else native_readout.disabled()):
+            native = abp_step(r, x, batch)
     finally:
         kernels.attention_forward = forward
-    assert calls  # the native kernel ran
+    assert bool(calls) != whole  # the module path's native kernel ran, or the whole readout's did instead
     with kernels.disabled():
         assert not kernels.supports(torch.device("cpu"), torch.float32, 64, 4)
         reference = abp_step(r, x, batch)

@@ -556,7 +556,7 @@ int abp_set_attention_backward(const float* qkv, const float* bias, const float*
     return launch(P, threads, true);
 }
 
-int abp_set_attention_abi_version() { return 5; }
+int abp_set_attention_abi_version() { return 7; }
 
 
 // Linear layer epilogue, in place: z <- h + relu(z + b) (or relu(z + b) if h is null), mask <- (z + b > 0),
@@ -738,3 +738,107 @@ int abp_scale_rows_backward(const float* g, const float* s, float* out, float* s
 }
 
 }
+
+
+// ---- ABP's molecule-level steps (abp_core/native_readout.py): the batch's molecule table and the PMA's pooling ----
+
+extern "C" {
+
+// Molecule table of a sorted batch vector (n entries, molecule ids in [0, M)): sizes[m] atoms of molecule m,
+// starts[m] its first row (an empty molecule: size 0, start where it would begin). One pass; returns the number
+// of non-empty molecules, or -1 if the vector is not sorted, -2 if an id lies outside [0, M).
+int64_t abp_batch_table(const int64_t* batch, int64_t n, int64_t M, int64_t* starts, int64_t* sizes) {
+    std::fill(sizes, sizes + M, (int64_t)0);
+    int64_t prev = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = batch[i];
+        if (b < 0 || b >= M) return -2;
+        if (b < prev) return -1;
+        sizes[b] += 1;
+        prev = b;
+    }
+    int64_t row = 0, present = 0;
+    for (int64_t m = 0; m < M; ++m) {
+        starts[m] = row;
+        row += sizes[m];
+        present += sizes[m] > 0;
+    }
+    return present;
+}
+
+// PMA with one seed, per molecule m (rows starts[m] .. starts[m] + sizes[m]) and head h: a[i, h] = softmax over
+// the molecule's atoms of scores[i, h], pooled[m, h, :] = sum_i a[i, h] z[i, :] (scores and a [N, H], z [N, C],
+// pooled [M, H, C]; an empty molecule pools to zeros).
+int abp_pma_pool_forward(const float* scores, const float* z, float* a, float* pooled, const int64_t* starts,
+                         const int64_t* sizes, int64_t M, int64_t H, int64_t C, int threads) {
+    parallel_rows(M, threads, [&](int64_t first, int64_t last, int) {
+        for (int64_t m = first; m < last; ++m) {
+            const int64_t r0 = starts[m], n = sizes[m];
+            float* p = pooled + m * H * C;
+            std::fill(p, p + H * C, 0.0f);
+            for (int64_t h = 0; h < H; ++h) {
+                float mx = -INFINITY;
+                for (int64_t i = 0; i < n; ++i) mx = std::max(mx, scores[(r0 + i) * H + h]);
+                float total = 0.0f;
+                for (int64_t i = 0; i < n; ++i) {
+                    const float e = std::exp(scores[(r0 + i) * H + h] - mx);
+                    a[(r0 + i) * H + h] = e;
+                    total += e;
+                }
+                const float inv = 1.0f / total;
+                for (int64_t i = 0; i < n; ++i) a[(r0 + i) * H + h] *= inv;
+            }
+            for (int64_t i = 0; i < n; ++i) {
+                const float* __restrict zi = z + (r0 + i) * C;
+                const float* ai = a + (r0 + i) * H;
+                for (int64_t h = 0; h < H; ++h) {
+                    const float w = ai[h];
+                    float* __restrict ph = p + h * C;
+                    for (int64_t c = 0; c < C; ++c) ph[c] += w * zi[c];
+                }
+            }
+        }
+    });
+    return 0;
+}
+
+// Its backward from gp = dL/dpooled [M, H, C]: gz[i, :] = sum_h a[i, h] gp[m, h, :] (written, [N, C]) and
+// gs = dL/dscores [N, H] (softmax backward: gs = a * (ga - sum_j a_j ga_j) with ga[i, h] = gp[m, h, :] . z[i, :]).
+int abp_pma_pool_backward(const float* gp, const float* z, const float* a, float* gz, float* gs,
+                          const int64_t* starts, const int64_t* sizes, int64_t M, int64_t H, int64_t C,
+                          int threads) {
+    parallel_rows(M, threads, [&](int64_t first, int64_t last, int) {
+        std::vector<float> dots((size_t)H);
+        for (int64_t m = first; m < last; ++m) {
+            const int64_t r0 = starts[m], n = sizes[m];
+            const float* g = gp + m * H * C;
+            std::fill(dots.begin(), dots.end(), 0.0f);
+            for (int64_t i = 0; i < n; ++i) {
+                const float* __restrict zi = z + (r0 + i) * C;
+                const float* ai = a + (r0 + i) * H;
+                float* __restrict gzi = gz + (r0 + i) * C;
+                float* gsi = gs + (r0 + i) * H;
+                std::fill(gzi, gzi + C, 0.0f);
+                for (int64_t h = 0; h < H; ++h) {
+                    const float* __restrict gh = g + h * C;
+                    const float w = ai[h];
+                    float ga = 0.0f;
+                    for (int64_t c = 0; c < C; ++c) {
+                        gzi[c] += w * gh[c];
+                        ga += gh[c] * zi[c];
+                    }
+                    gsi[h] = ga;
+                    dots[h] += w * ga;
+                }
+            }
+            for (int64_t i = 0; i < n; ++i)
+                for (int64_t h = 0; h < H; ++h) {
+                    float* gsi = gs + (r0 + i) * H;
+                    gsi[h] = a[(r0 + i) * H + h] * (gsi[h] - dots[h]);
+                }
+        }
+    });
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,368 @@
+r"""ABP's whole readout as one autograd node on the native CPU path.
+
+:class:`~abp_core.readouts.AttentionPooling` in float32 on the CPU with the native kernels
+(:func:`abp_core.readouts.set_attention_path` says ``"native"``), SAB encoders, one seed and no layer
+norms (the paper's layout and the package's defaults) runs here instead of as ~20 modules and ~30
+autograd nodes. The forward and its hand-written backward are straight-line code: one matmul per
+linear layer (the same ``torch.mm``/``addmm`` calls as the module path), the native kernels for the
+attention, the element-wise passes and the PMA's per-molecule softmax and weighted sums, and the
+molecule table built in one pass from the batch vector. Same numbers as the module path (fp32
+``allclose``; the module path in float64 to ~1e-6 relative, see ``tests/test_native_readout.py``).
+
+Why: at small batches (the quickstart's 32 QM9 molecules, ~450 atoms) ABP's arithmetic is ~1.5 ms per
+training step on one core, but the module path spent ~8 ms, most of it in the dispatch of ~1,300
+operator calls and autograd bookkeeping (``benchmarks/epoch.py``'s profile, ``benchmarks/README.md``).
+
+The math (``C`` channels, ``H`` heads of ``d = C / H``, molecule ``m``'s atoms ``i``)::
+
+    X_0 = ReLU(X W_0^T + b_0)                                  input projection (optional)
+    SAB:  Q|K|V = X W_in^T + b_in;  A = Attn(Q, K, V) within each molecule
+          Hh = X + A W_o^T + b_o;   Y = Hh + ReLU(Hh W_l^T + b_l)
+    Z = ReLU(X_E W_p^T + b_p)                                  PMA keys
+    PMA:  q = W_q s + b_q;  U_h = d^{-1/2} q_h^T W_{k,h}      (the key projection folded into the query)
+          a_{ih} = softmax_i(Z_i . U_h);  P_{mh} = sum_i a_{ih} Z_i
+          att_{m,h} = W_{v,h} P_{mh} + b_{v,h};  then the MAB feed-forward with the seed s as residual
+    decoder SABs over one key: att = h W_v^T + b_v (its softmax weight is exactly 1)
+    out = ReLU(h W_out^T + b_out)                               output projection (optional)
+
+``q|k|v`` is kept for the backward when the batch is small and recomputed when it is large (the
+readout's ``recompute``; see :class:`~abp_core.readouts.AttentionPooling`). :func:`disabled` switches
+this path off so that the module path runs (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+__all__ = ["parameters", "attention_pooling", "disabled", "KEEP_QKV_BYTES"]
+
+_state = {"off": False}
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside this block :class:`~abp_core.readouts.AttentionPooling` runs its module path."""
+    previous, _state["off"] = _state["off"], True
+    try:
+        yield
+    finally:
+        _state["off"] = previous
+
+
+def parameters(readout, x: Tensor, path: str) -> Optional[List[Tensor]]:
+    """The readout's parameters in the order :class:`_AttentionPooling` reads them if it runs here for features
+    ``x`` (``path``: the set-attention path chosen for them), else ``None``."""
+    if _state["off"] or path != "native" or readout.num_seeds != 1 or readout.num_induced_points is not None:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    # plain dictionary reads (nn.Module.__getattr__ and .parameters() cost ~1 us per name at this call rate)
+    mods = readout._modules
+    ps: List[Tensor] = []
+    if mods.get("input_lin") is not None:
+        ps += _linear(mods["input_lin"])
+    pma = mods["pma"]
+    for b in (*mods["encoders"]._modules.values(), pma, *mods["decoders"]._modules.values()):
+        if b.norm1 is not None or (b.dropout > 0 and b.training):
+            return None
+        own, sub = b._parameters, b._modules
+        ps += [own["in_proj_weight"], own["in_proj_bias"], *_linear(sub["out_proj"]), *_linear(sub["lin"])]
+        if b is pma:
+            ps += [*_linear(mods["pma_lin"]), readout._parameters["seeds"]]
+    if mods.get("output_lin") is not None:
+        ps += _linear(mods["output_lin"])
+    for p in ps:
+        if p is None or p.dtype != torch.float32 or p.device.type != "cpu":
+            return None
+    return ps
+
+
+def _linear(lin) -> List[Tensor]:
+    return [lin._parameters["weight"], lin._parameters["bias"]]
+
+
+# Bytes of one SAB's q|k|v above which it is recomputed in the backward instead of kept
+# (recompute=None): 16 MiB is [21,845, 192] floats, far above the paper's QM9 batches.
+KEEP_QKV_BYTES = 16 << 20
+
+
+def attention_pooling(readout, x: Tensor, batch: Tensor, dim_size: int, params: List[Tensor]) -> Tensor:
+    """``readout(x, batch)`` on this path (``batch`` sorted and checked, ``dim_size`` molecule slots, ``params``
+    from :func:`parameters`)."""
+    lib = kernels._lib()
+    x = x.contiguous()
+    if batch.device.type != "cpu":
+        raise ValueError(f"the batch vector must be on the CPU with the features, got {batch.device}")
+    starts, sizes, num_present = kernels.batch_table(batch.long(), dim_size)
+    c, heads = readout.hidden_channels, readout.heads
+    n = x.size(0)
+    recompute = readout.recomputes(n)
+    present = None
+    if num_present < dim_size:
+        present = sizes > 0
+        p_starts, p_sizes = starts[present].contiguous(), sizes[present].contiguous()
+    else:
+        p_starts, p_sizes = starts, sizes
+    from .readouts import _table_groups  # the module path's grouping of rows for the q|k|v buffers
+
+    groups = [(r0, r1, table) for r0, r1, _, table in _table_groups(p_starts, p_sizes, n)]
+    plan = _Plan(lib, readout, heads, c, groups, starts, sizes, present, recompute)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _AttentionPooling.apply(x, plan, *params)
+    return _forward(plan, x, params, None)
+
+
+class _Plan:
+    """What one call needs besides tensors: the library, shapes, molecule table and row groups."""
+
+    def __init__(self, lib, readout, heads, c, groups, starts, sizes, present, recompute):
+        self.lib, self.heads, self.c, self.groups = lib, heads, c, groups
+        self.starts, self.sizes, self.present, self.recompute = starts, sizes, present, recompute
+        self.has_input = readout.input_lin is not None
+        self.has_output = readout.output_lin is not None
+        self.num_encoders, self.num_decoders = len(readout.encoders), len(readout.decoders)
+        self.threads = torch.get_num_threads()
+
+
+def _relu_bias(plan: _Plan, z: Tensor, bias: Tensor, h: Optional[Tensor] = None) -> Tensor:
+    """In place ``z <- h + relu(z + bias)`` (or ``relu(z + bias)``); returns the ReLU mask."""
+    rows, cols = z.shape
+    mask = torch.empty(rows, cols, dtype=torch.bool)
+    plan.lib.abp_relu_residual(z.data_ptr(), bias.data_ptr(), None if h is None else h.data_ptr(), mask.data_ptr(),
+                               rows, cols, plan.threads)
+    return mask
+
+
+def _relu_bias_backward(plan: _Plan, grad: Tensor, mask: Tensor):
+    """``(grad * mask, its column sums, column sums of grad)``."""
+    rows, cols = grad.shape
+    out, sum_out, sum_grad = torch.empty_like(grad), grad.new_empty(cols), grad.new_empty(cols)
+    plan.lib.abp_relu_backward(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), sum_out.data_ptr(),
+                               sum_grad.data_ptr(), rows, cols, plan.threads)
+    return out, sum_out, sum_grad
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"native {what} failed (code {code})")
+
+
+def _forward(plan: _Plan, x: Tensor, ps: List[Tensor], saved: Optional[dict]) -> Tensor:
+    """The readout's forward; ``saved`` (a dict, or ``None`` when no backward follows) receives what the
+    backward needs."""
+    lib, c, heads, t = plan.lib, plan.c, plan.heads, plan.threads
+    n, i = x.size(0), 0
+    keep = saved is not None
+    cur = x
+    if plan.has_input:
+        w, b = ps[0], ps[1]
+        i = 2
+        cur = torch.mm(x, w.t())
+        mask = _relu_bias(plan, cur, b)
+        if keep:
+            saved["input"] = mask
+    sabs = []
+    for _ in range(plan.num_encoders):
+        w_in, b_in, w_o, b_o, w_l, b_l = ps[i:i + 6]
+        i += 6
+        out = x.new_empty(n, c)
+        lses, kept = [], []
+        for r0, r1, (g_starts, g_sizes) in plan.groups:
+            qkv = torch.mm(cur[r0:r1] if len(plan.groups) > 1 else cur, w_in.t())
+            lse = x.new_empty(r1 - r0, heads)
+            _check(lib.abp_set_attention_forward(qkv.data_ptr(), b_in.data_ptr(), out[r0:r1].data_ptr(),
+                                                 lse.data_ptr(), g_starts.data_ptr(), g_sizes.data_ptr(),
+                                                 g_starts.numel(), c, heads, t), "attention forward")
+            lses.append(lse)
+            if keep and not plan.recompute:
+                kept.append(qkv)
+        h = torch.mm(out, w_o.t())
+        lib.abp_add_residual(h.data_ptr(), cur.data_ptr(), b_o.data_ptr(), n, c, t)
+        y = torch.mm(h, w_l.t())
+        mask = _relu_bias(plan, y, b_l, h)
+        if keep:
+            sabs.append((cur, out, h, mask, lses, kept))
+        cur = y
+    # PMA: keys, the seed's per-head scores, per-molecule softmax and weighted sums, the value projection
+    w_in, b_in, w_o, b_o, w_l, b_l, w_p, b_p, seeds = ps[i:i + 9]
+    i += 9
+    d = c // heads
+    m = plan.starts.numel()
+    keys_input = cur
+    z = torch.mm(cur, w_p.t())
+    z_mask = _relu_bias(plan, z, b_p)
+    s = seeds.view(c)
+    q = torch.addmv(b_in[:c], w_in[:c], s)
+    u = torch.bmm(q.view(heads, 1, d), w_in[c:2 * c].view(heads, d, c)).view(heads, c).mul_(d ** -0.5)
+    scores = torch.mm(z, u.t())
+    a, pooled = x.new_empty(n, heads), x.new_empty(m, heads, c)
+    _check(lib.abp_pma_pool_forward(scores.data_ptr(), z.data_ptr(), a.data_ptr(), pooled.data_ptr(),
+                                    plan.starts.data_ptr(), plan.sizes.data_ptr(), m, heads, c, t), "PMA pooling")
+    w_v = w_in[2 * c:].view(heads, d, c)
+    att = torch.bmm(pooled.transpose(0, 1), w_v.transpose(1, 2)).transpose(0, 1).reshape(m, c).add_(b_in[2 * c:])
+    if plan.present is not None:  # an empty molecule sees no keys: zero attention, as in the module path
+        att[~plan.present] = 0.0
+    h1 = torch.addmm(b_o, att, w_o.t()).add_(s)
+    z1 = torch.addmm(b_l, h1, w_l.t())
+    m1 = z1 > 0
+    cur = h1 + z1.relu_()
+    decs = []
+    for _ in range(plan.num_decoders):  # over one key: the attention output is the key's value
+        w_in, b_in, w_o, b_o, w_l, b_l = ps[i:i + 6]
+        i += 6
+        v = torch.addmm(b_in[2 * c:], cur, w_in[2 * c:].t())
+        hh = torch.addmm(b_o, v, w_o.t()).add_(cur)
+        zz = torch.addmm(b_l, hh, w_l.t())
+        mz = zz > 0
+        if keep:
+            decs.append((cur, v, hh, mz))
+        cur = hh + zz.relu_()
+    if plan.has_output:
+        w, b = ps[i], ps[i + 1]
+        dec_out = cur
+        cur = torch.addmm(b, cur, w.t())
+        out_mask = cur > 0
+        cur.relu_()
+    if keep:
+        saved.update(sabs=sabs, keys_input=keys_input, z=z, z_mask=z_mask, q=q, u=u, a=a, pooled=pooled, att=att,
+                     h1=h1, m1=m1, decs=decs)
+        if plan.has_output:
+            saved.update(dec_out=dec_out, out_mask=out_mask)
+    return cur
+
+
+class _AttentionPooling(torch.autograd.Function):
+    """One autograd node for the whole readout (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: _Plan, *ps: Tensor) -> Tensor:
+        saved: dict = {}
+        out = _forward(plan, x, list(ps), saved)
+        ctx.plan, ctx.saved = plan, saved
+        ctx.save_for_backward(x, *ps)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, *ps = ctx.saved_tensors
+        grads = _backward(ctx.plan, ctx.saved, x, ps, grad.contiguous(), ctx.needs_input_grad[0])
+        ctx.saved = None
+        return (grads[0], None, *grads[1:])
+
+
+def _sab_backward(plan: _Plan, gy: Tensor, saved_sab, w_in, b_in, w_o, w_l) -> tuple:
+    """One encoder SAB's backward (as :class:`abp_core.readouts._FusedSelfAttentionBlock`'s native one):
+    ``(dL/dx, gw_in, gb_in, gw_o, gb_o, gw_l, gb_l)``."""
+    lib, c, heads, t = plan.lib, plan.c, plan.heads, plan.threads
+    x, out, h, mask, lses, kept = saved_sab
+    gz, gb_l, sum_gy = _relu_bias_backward(plan, gy, mask)
+    gb_o = torch.addmv(sum_gy, w_l.t(), gb_l)  # column sums of gh = gy + gz W_l
+    gw_l = gz.t().mm(h)
+    gh = torch.addmm(gy, gz, w_l)  # dL/dh; becomes dL/dx below
+    gw_o = gh.t().mm(out)
+    go = torch.mm(gh, w_o, out=gz)
+    single = len(plan.groups) == 1
+    gw_in = None if single else torch.zeros_like(w_in)
+    gb_in = None
+    for g, (r0, r1, (g_starts, g_sizes)) in enumerate(plan.groups):
+        xg = x if single else x[r0:r1]
+        # kept, or recomputed (bias-free, as in the forward) and overwritten by its own gradient
+        qkv = kept[g] if kept else torch.mm(xg, w_in.t())
+        grad = torch.empty_like(qkv) if kept else qkv
+        sums = qkv.new_empty(3 * c)
+        _check(lib.abp_set_attention_backward(qkv.data_ptr(), b_in.data_ptr(), out[r0:r1].data_ptr(),
+                                              lses[g].data_ptr(), go[r0:r1].data_ptr(), grad.data_ptr(),
+                                              sums.data_ptr(), g_starts.data_ptr(), g_sizes.data_ptr(),
+                                              g_starts.numel(), c, heads, t), "attention backward")
+        if single:
+            gw_in, gb_in = grad.t().mm(xg), sums
+            gh.addmm_(grad, w_in)
+        else:
+            gw_in.addmm_(grad.t(), xg)
+            gb_in = sums if gb_in is None else gb_in.add_(sums)
+            gh[r0:r1].addmm_(grad, w_in)
+    return gh, gw_in, gb_in, gw_o, gb_o, gw_l, gb_l
+
+
+def _backward(plan: _Plan, saved: dict, x: Tensor, ps: List[Tensor], g: Tensor, need_x: bool) -> list:
+    """Gradients ``[dL/dx, *dL/dparameters]`` (parameters in :func:`parameters`' order)."""
+    c, heads = plan.c, plan.heads
+    d = c // heads
+    grads: List[Optional[Tensor]] = [None] * len(ps)
+    end = len(ps)
+    if plan.has_output:
+        w = ps[end - 2]
+        gpre = g * saved["out_mask"]
+        grads[end - 2], grads[end - 1] = gpre.t().mm(saved["dec_out"]), gpre.sum(0)
+        g = gpre.mm(w)
+        end -= 2
+    for k in reversed(range(plan.num_decoders)):
+        i = end - 6 * (plan.num_decoders - k)
+        w_in, _, w_o, _, w_l, _ = ps[i:i + 6]
+        hin, v, hh, mz = saved["decs"][k]
+        gz = g * mz
+        gw_l, gb_l = gz.t().mm(hh), gz.sum(0)
+        ghh = torch.addmm(g, gz, w_l)
+        gw_o, gb_o = ghh.t().mm(v), ghh.sum(0)
+        gv = ghh.mm(w_o)
+        gw_in, gb_in = torch.zeros_like(w_in), torch.zeros_like(ps[i + 1])  # q and k are not used: exactly 0
+        gw_in[2 * c:] = gv.t().mm(hin)
+        gb_in[2 * c:] = gv.sum(0)
+        g = torch.addmm(ghh, gv, w_in[2 * c:])
+        grads[i:i + 6] = [gw_in, gb_in, gw_o, gb_o, gw_l, gb_l]
+    end -= 6 * plan.num_decoders
+    # PMA
+    i = end - 9
+    w_in, b_in, w_o, _, w_l, _, w_p, _, seeds = ps[i:i + 9]
+    s = seeds.view(c)
+    gz1 = g * saved["m1"]
+    gw_l, gb_l = gz1.t().mm(saved["h1"]), gz1.sum(0)
+    gh1 = torch.addmm(g, gz1, w_l)
+    gw_o, gb_o = gh1.t().mm(saved["att"]), gh1.sum(0)
+    g_seed = gb_o.clone()  # the seed is the feed-forward's residual
+    g_att = gh1.mm(w_o)
+    if plan.present is not None:
+        g_att[~plan.present] = 0.0
+    gb_v = g_att.sum(0)
+    g_att_h = g_att.view(-1, heads, d).transpose(0, 1)  # [H, M, d]
+    pooled = saved["pooled"]
+    gw_v = torch.bmm(g_att_h.transpose(1, 2), pooled.transpose(0, 1))  # [H, d, C]
+    g_pooled = torch.bmm(g_att_h, w_in[2 * c:].view(heads, d, c)).transpose(0, 1).contiguous()  # [M, H, C]
+    z, a = saved["z"], saved["a"]
+    n, m = z.size(0), plan.starts.numel()
+    gz, gs = torch.empty_like(z), z.new_empty(n, heads)
+    _check(plan.lib.abp_pma_pool_backward(g_pooled.data_ptr(), z.data_ptr(), a.data_ptr(), gz.data_ptr(), gs.data_ptr(),
+                                          plan.starts.data_ptr(), plan.sizes.data_ptr(), m, heads, c, plan.threads),
+           "PMA pooling backward")
+    gu = gs.t().mm(z).mul_(d ** -0.5)  # [H, C], the scale folded in
+    gz.addmm_(gs, saved["u"])
+    q = saved["q"]
+    gq = torch.bmm(w_in[c:2 * c].view(heads, d, c), gu.view(heads, c, 1)).view(c)
+    gw_k = (q.view(heads, d, 1) * gu.view(heads, 1, c)).view(c, c)
+    g_seed.addmv_(w_in[:c].t(), gq)
+    gw_in = torch.cat([torch.outer(gq, s), gw_k, gw_v.reshape(c, c)])
+    gb_in = torch.cat([gq, torch.zeros_like(gq), gb_v])  # the key bias cancels in the softmax: exactly 0
+    gzp, gb_p, _ = _relu_bias_backward(plan, gz, saved["z_mask"])
+    gw_p = gzp.t().mm(saved["keys_input"])
+    g = gzp.mm(w_p)
+    grads[i:i + 9] = [gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, gw_p, gb_p, g_seed.view_as(seeds)]
+    # encoder SABs
+    for k in reversed(range(plan.num_encoders)):
+        i = (2 if plan.has_input else 0) + 6 * k
+        w_in, b_in, w_o, _, w_l, _ = ps[i:i + 6]
+        g, *pg = _sab_backward(plan, g, saved["sabs"][k], w_in, b_in, w_o, w_l)
+        grads[i:i + 6] = pg
+    gx = None
+    if plan.has_input:
+        gpre, gb0, _ = _relu_bias_backward(plan, g, saved["input"])
+        grads[0], grads[1] = gpre.t().mm(x), gb0
+        gx = gpre.mm(ps[0]) if need_x else None
+    elif need_x:
+        gx = g
+    return [gx, *grads]
