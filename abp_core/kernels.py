@@ -47,7 +47,7 @@ __all__ = ["available", "unavailable_reason", "applies", "supports", "disabled",
            "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
-ABI_VERSION = 7
+ABI_VERSION = 8
 HEAD_DIMS = (16, 32, 64)
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native", "-mprefer-vector-width=512"]
 
@@ -125,7 +125,31 @@ def _load(path: Path) -> ctypes.CDLL:
               lib.abp_pma_pool_backward):
         f.restype = i32
     lib.abp_batch_table.restype = i64
+    lib.abp_set_sgemm.argtypes = [p]
+    lib.abp_set_sgemm.restype = None
+    lib.abp_pma_tail_forward.argtypes = [p, p]
+    lib.abp_pma_tail_backward.argtypes = [p, p]
+    lib.abp_pma_tail_forward.restype = lib.abp_pma_tail_backward.restype = i32
+    sgemm = _torch_sgemm()
+    lib.abp_has_sgemm = sgemm is not None
+    if sgemm is not None:
+        lib.abp_set_sgemm(sgemm)
     return lib
+
+
+def _torch_sgemm() -> Optional[int]:
+    """Address of the BLAS ``sgemm_`` inside PyTorch's own CPU library (the one ``torch.mm`` calls), or ``None``
+    (a build without it: the steps that need it run PyTorch's ops instead)."""
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        return ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def has_blas() -> bool:
+    """Can native kernels call PyTorch's BLAS (:func:`_torch_sgemm`)? Needed by ABP's native PMA tail."""
+    return available() and not _state["off"] and bool(getattr(_state["lib"], "abp_has_sgemm", False))
 
 
 def _init() -> None:

@@ -32,6 +32,7 @@ this path off so that the module path runs (tests, benchmarks).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from typing import List, Optional
 
 import torch
@@ -41,7 +42,7 @@ from . import kernels
 
 __all__ = ["parameters", "attention_pooling", "disabled", "KEEP_QKV_BYTES"]
 
-_state = {"off": False}
+_state = {"off": False, "native_tail": True}
 
 
 @contextlib.contextmanager
@@ -127,6 +128,7 @@ class _Plan:
         self.has_output = readout.output_lin is not None
         self.num_encoders, self.num_decoders = len(readout.encoders), len(readout.decoders)
         self.threads = torch.get_num_threads()
+        self.native_tail = _state["native_tail"] and kernels.has_blas()
 
 
 def _relu_bias(plan: _Plan, z: Tensor, bias: Tensor, h: Optional[Tensor] = None) -> Tensor:
@@ -196,6 +198,11 @@ def _forward(plan: _Plan, x: Tensor, ps: List[Tensor], saved: Optional[dict]) ->
     keys_input = cur
     z = torch.mm(cur, w_p.t())
     z_mask = _relu_bias(plan, z, b_p)
+    if plan.native_tail:
+        out, tail = _tail_forward(plan, z, ps, i - 9)
+        if keep:
+            saved.update(sabs=sabs, keys_input=keys_input, z=z, z_mask=z_mask, tail=tail)
+        return out
     s = seeds.view(c)
     q = torch.addmv(b_in[:c], w_in[:c], s)
     u = torch.bmm(q.view(heads, 1, d), w_in[c:2 * c].view(heads, d, c)).view(heads, c).mul_(d ** -0.5)
@@ -295,6 +302,10 @@ def _backward(plan: _Plan, saved: dict, x: Tensor, ps: List[Tensor], g: Tensor, 
     c, heads = plan.c, plan.heads
     d = c // heads
     grads: List[Optional[Tensor]] = [None] * len(ps)
+    if plan.native_tail:
+        i = (2 if plan.has_input else 0) + 6 * plan.num_encoders  # the PMA's parameters
+        gz = _tail_backward(plan, saved["tail"], g, ps, grads, i)
+        return _keys_and_encoders_backward(plan, saved, x, ps, gz, grads, i, need_x)
     end = len(ps)
     if plan.has_output:
         w = ps[end - 2]
@@ -319,7 +330,7 @@ def _backward(plan: _Plan, saved: dict, x: Tensor, ps: List[Tensor], g: Tensor, 
     end -= 6 * plan.num_decoders
     # PMA
     i = end - 9
-    w_in, b_in, w_o, _, w_l, _, w_p, _, seeds = ps[i:i + 9]
+    w_in, b_in, w_o, _, w_l, _, _, _, seeds = ps[i:i + 9]
     s = seeds.view(c)
     gz1 = g * saved["m1"]
     gw_l, gb_l = gz1.t().mm(saved["h1"]), gz1.sum(0)
@@ -348,10 +359,19 @@ def _backward(plan: _Plan, saved: dict, x: Tensor, ps: List[Tensor], g: Tensor, 
     g_seed.addmv_(w_in[:c].t(), gq)
     gw_in = torch.cat([torch.outer(gq, s), gw_k, gw_v.reshape(c, c)])
     gb_in = torch.cat([gq, torch.zeros_like(gq), gb_v])  # the key bias cancels in the softmax: exactly 0
+    grads[i:i + 6] = [gw_in, gb_in, gw_o, gb_o, gw_l, gb_l]
+    grads[i + 8] = g_seed.view_as(seeds)
+    return _keys_and_encoders_backward(plan, saved, x, ps, gz, grads, i, need_x)
+
+
+def _keys_and_encoders_backward(plan: _Plan, saved: dict, x: Tensor, ps: List[Tensor], gz: Tensor, grads: list,
+                                i: int, need_x: bool) -> list:
+    """From dL/d(PMA keys) ``gz``: the key projection's, the encoder SABs' and the input projection's gradients
+    (``i``: index of the PMA's parameters)."""
+    w_p = ps[i + 6]
     gzp, gb_p, _ = _relu_bias_backward(plan, gz, saved["z_mask"])
-    gw_p = gzp.t().mm(saved["keys_input"])
+    grads[i + 6], grads[i + 7] = gzp.t().mm(saved["keys_input"]), gb_p
     g = gzp.mm(w_p)
-    grads[i:i + 9] = [gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, gw_p, gb_p, g_seed.view_as(seeds)]
     # encoder SABs
     for k in reversed(range(plan.num_encoders)):
         i = (2 if plan.has_input else 0) + 6 * k
@@ -366,3 +386,73 @@ def _backward(plan: _Plan, saved: dict, x: Tensor, ps: List[Tensor], g: Tensor, 
     elif need_x:
         gx = g
     return [gx, *grads]
+
+
+# Slots of the native tail's pointer table (csrc/set_attention.cpp, enum Slot)
+(_Z, _STARTS, _SIZES, _W_IN, _B_IN, _W_O, _B_O, _W_L, _B_L, _SEED, _W_OUT, _B_OUT, _Q, _U, _A, _POOLED, _ATT, _H1, _Z1,
+ _HS, _V, _HH, _ZZ, _OUT, _GRAD_OUT, _GZ, _GW_IN, _GB_IN, _GW_O, _GB_O, _GW_L, _GB_L, _G_SEED, _GW_OUT, _GB_OUT,
+ _DECODERS) = range(36)
+
+
+@contextlib.contextmanager
+def python_tail():
+    """Inside this block the steps after the PMA keys run as PyTorch ops instead of the one native call (tests)."""
+    previous, _state["native_tail"] = _state["native_tail"], False
+    try:
+        yield
+    finally:
+        _state["native_tail"] = previous
+
+
+def _tail_forward(plan: _Plan, z: Tensor, ps: List[Tensor], i: int):
+    """Everything after the PMA keys ``z`` in one native call: ``(output, saved tensors)``; ``i`` indexes the
+    PMA's parameters in ``ps``."""
+    c, heads, n, m, dec = plan.c, plan.heads, z.size(0), plan.starts.numel(), plan.num_decoders
+    out_ch = ps[-2].size(0) if plan.has_output else 0
+    new = z.new_empty
+    t = {"q": new(c), "u": new(heads, c), "a": new(n, heads), "pooled": new(m, heads, c), "att": new(m, c),
+         "h1": new(m, c), "z1": new(m, c), "hs": new(dec + 1, m, c), "v": new(max(dec, 1), m, c),
+         "hh": new(max(dec, 1), m, c), "zz": new(max(dec, 1), m, c), "out": new(m, out_ch or c)}
+    ptrs = [0] * (_DECODERS + 12 * dec)
+    ptrs[_Z], ptrs[_STARTS], ptrs[_SIZES] = z.data_ptr(), plan.starts.data_ptr(), plan.sizes.data_ptr()
+    for k, slot in enumerate((_W_IN, _B_IN, _W_O, _B_O, _W_L, _B_L)):
+        ptrs[slot] = ps[i + k].data_ptr()
+    ptrs[_SEED] = ps[i + 8].data_ptr()
+    if plan.has_output:
+        ptrs[_W_OUT], ptrs[_B_OUT] = ps[-2].data_ptr(), ps[-1].data_ptr()
+    for name, slot in (("q", _Q), ("u", _U), ("a", _A), ("pooled", _POOLED), ("att", _ATT), ("h1", _H1),
+                       ("z1", _Z1), ("hs", _HS), ("v", _V), ("hh", _HH), ("zz", _ZZ), ("out", _OUT)):
+        ptrs[slot] = t[name].data_ptr()
+    for k in range(dec):
+        for j in range(6):
+            ptrs[_DECODERS + 6 * k + j] = ps[i + 9 + 6 * k + j].data_ptr()
+    dims = (ctypes.c_int64 * 7)(n, m, c, heads, dec, out_ch, plan.threads)
+    table = (ctypes.c_int64 * len(ptrs))(*ptrs)
+    _check(plan.lib.abp_pma_tail_forward(dims, table), "PMA tail forward")
+    t["ptrs"], t["out_ch"] = ptrs, out_ch
+    return t["out"], t
+
+
+def _tail_backward(plan: _Plan, t: dict, grad: Tensor, ps: List[Tensor], grads: list, i: int) -> Tensor:
+    """Backward of :func:`_tail_forward`: fills the PMA's, decoders' and output projection's entries of ``grads``;
+    returns dL/dz."""
+    ptrs, dec = list(t["ptrs"]), plan.num_decoders
+    gz = t["a"].new_empty(t["a"].size(0), plan.c)
+    ptrs[_GRAD_OUT], ptrs[_GZ] = grad.data_ptr(), gz.data_ptr()
+    pma = [torch.empty_like(ps[i + k]) for k in range(6)] + [torch.empty_like(ps[i + 8])]
+    for k, slot in enumerate((_GW_IN, _GB_IN, _GW_O, _GB_O, _GW_L, _GB_L, _G_SEED)):
+        ptrs[slot] = pma[k].data_ptr()
+    grads[i:i + 6], grads[i + 8] = pma[:6], pma[6]
+    if plan.has_output:
+        gw, gb = torch.empty_like(ps[-2]), torch.empty_like(ps[-1])
+        ptrs[_GW_OUT], ptrs[_GB_OUT] = gw.data_ptr(), gb.data_ptr()
+        grads[-2], grads[-1] = gw, gb
+    for k in range(dec):
+        for j in range(6):
+            g = torch.empty_like(ps[i + 9 + 6 * k + j])
+            ptrs[_DECODERS + 6 * dec + 6 * k + j] = g.data_ptr()
+            grads[i + 9 + 6 * k + j] = g
+    dims = (ctypes.c_int64 * 7)(gz.size(0), plan.starts.numel(), plan.c, plan.heads, dec, t["out_ch"], plan.threads)
+    table = (ctypes.c_int64 * len(ptrs))(*ptrs)
+    _check(plan.lib.abp_pma_tail_backward(dims, table), "PMA tail backward")
+    return gz

@@ -2,6 +2,8 @@
 
 Every check compares it with the module path (:func:`abp_core.native_readout.disabled`), which the
 other readout tests pin to PyG and to per-molecule float64 references."""
+import contextlib
+
 import pytest
 import torch
 
@@ -52,10 +54,16 @@ def _compare(readout, sizes, dim_size=None, channels=64, seed=0, atol=2e-6):
     dict(heads=4, out_channels=32, num_encoder_blocks=0),
     dict(heads=4, concat=True),
 ])
-def test_equals_module_path(kwargs):
+@pytest.mark.parametrize("tail", ["native", "python"])
+def test_equals_module_path(kwargs, tail):
+    # tail: the steps after the PMA keys in one native call (PyTorch's BLAS) or as PyTorch ops
+    if tail == "native" and not kernels.has_blas():
+        pytest.skip("PyTorch's sgemm_ not found")
     torch.manual_seed(1)
     readout = AttentionPooling(64, **kwargs)
-    _compare(readout, [5, 1, 17, 9, 3, 12, 30, 2])
+    with (native_readout.python_tail() if tail == "python" else contextlib.nullcontext()):
+        _compare(readout, [5, 1, 17, 9, 3, 12, 30, 2])
+        _compare(readout, [1, 0, 4, 0, 1, 7], dim_size=8)
 
 
 def test_empty_molecule_slots_and_single_atoms():
@@ -72,6 +80,21 @@ def test_all_molecules_the_same_size_and_one_molecule():
     readout = AttentionPooling(32, heads=2)
     _compare(readout, [6] * 10, channels=32)
     _compare(readout, [11], channels=32)
+
+
+def test_native_tail_is_used_where_blas_is_found(monkeypatch):
+    readout = AttentionPooling(64, heads=4)
+    x, batch = torch.randn(8, 64, requires_grad=True), _batch([3, 5])
+    calls = []
+    lib = kernels._lib()
+    forward = lib.abp_pma_tail_forward
+    monkeypatch.setattr(lib, "abp_pma_tail_forward", lambda *a: calls.append(1) or forward(*a))
+    readout(x, batch)
+    assert bool(calls) == kernels.has_blas()
+    calls.clear()
+    with native_readout.python_tail():
+        readout(x, batch)
+    assert not calls
 
 
 def test_several_row_groups():

@@ -556,7 +556,7 @@ int abp_set_attention_backward(const float* qkv, const float* bias, const float*
     return launch(P, threads, true);
 }
 
-int abp_set_attention_abi_version() { return 7; }
+int abp_set_attention_abi_version() { return 8; }
 
 
 // Linear layer epilogue, in place: z <- h + relu(z + b) (or relu(z + b) if h is null), mask <- (z + b > 0),
@@ -838,6 +838,214 @@ int abp_pma_pool_backward(const float* gp, const float* z, const float* a, float
                 }
         }
     });
+    return 0;
+}
+
+}  // extern "C"
+
+// ---- ABP after the PMA keys (abp_core/native_readout.py): seed scores, pooling, the PMA's feed-forward, the
+// decoder SABs over one key and the output projection, forward and backward, in one call each. The matmuls go
+// to the BLAS sgemm_ that PyTorch itself uses (its address is handed in by abp_set_sgemm), so they give what
+// torch.mm gives; the small element-wise steps between them are plain loops.
+
+namespace {
+
+typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+sgemm_fn g_sgemm = nullptr;
+
+// Row-major C[m, n] = alpha op(A) op(B) + beta C (op(A) [m, k], op(B) [k, n]) through the column-major sgemm_:
+// C^T = op(B)^T op(A)^T.
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    if (k == 0) {
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+        return;
+    }
+    const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+    const int M = (int)m, N = (int)n, K = (int)k, LA = (int)lda, LB = (int)ldb, LC = (int)ldc;
+    g_sgemm(&tB, &tA, &N, &M, &K, &alpha, B, &LB, A, &LA, &beta, C, &LC);
+}
+
+// y[rows, out] = x[rows, in] W[out, in]^T + b
+void linear(int64_t rows, int64_t in, int64_t out, const float* x, const float* W, const float* b, float* y) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * out, b, sizeof(float) * out);
+    gemm(false, true, rows, out, in, 1.0f, x, in, W, in, 1.0f, y, out);
+}
+
+// Backward of linear from gy [rows, out]: gW = gy^T x, gb = colsum(gy), and gx = gy W (+ add_to if given).
+void linear_backward(int64_t rows, int64_t in, int64_t out, const float* x, const float* W, const float* gy, float* gW,
+                     float* gb, float* gx, bool accumulate) {
+    gemm(true, false, out, in, rows, 1.0f, gy, out, x, in, 0.0f, gW, in);
+    for (int64_t o = 0; o < out; ++o) gb[o] = 0.0f;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < out; ++o) gb[o] += gy[r * out + o];
+    if (gx) gemm(false, false, rows, in, out, 1.0f, gy, out, W, in, accumulate ? 1.0f : 0.0f, gx, in);
+}
+
+enum Slot {
+    Z, STARTS, SIZES, W_IN, B_IN, W_O, B_O, W_L, B_L, SEED, W_OUT, B_OUT,
+    Q, U, A, POOLED, ATT, H1, Z1, HS, V, HH, ZZ, OUT,
+    GRAD_OUT, GZ, GW_IN, GB_IN, GW_O, GB_O, GW_L, GB_L, G_SEED, GW_OUT, GB_OUT,
+    DECODERS  // then 6 parameter pointers per decoder, then 6 gradient pointers per decoder
+};
+
+struct Tail {
+    int64_t N, M, C, H, D, Cout, threads;
+    const int64_t* p;
+    template <typename T> T* at(int64_t slot) const { return reinterpret_cast<T*>(p[slot]); }
+    const float* dec(int64_t k, int j) const { return at<const float>(DECODERS + 6 * k + j); }
+    float* dec_grad(int64_t k, int j) const { return at<float>(DECODERS + 6 * D + 6 * k + j); }
+};
+
+Tail tail_of(const int64_t* dims, const int64_t* ptrs) {
+    return Tail{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], ptrs};
+}
+
+}  // namespace
+
+extern "C" {
+
+void abp_set_sgemm(void* fn) { g_sgemm = reinterpret_cast<sgemm_fn>(fn); }
+
+// dims: N, M, C, H, decoders, output width (0: no output projection), threads. ptrs: the Slot table.
+int abp_pma_tail_forward(const int64_t* dims, const int64_t* ptrs) {
+    if (!g_sgemm) return 4;
+    const Tail T = tail_of(dims, ptrs);
+    const int64_t N = T.N, M = T.M, C = T.C, H = T.H, d = C / H, MC = M * C;
+    const float *z = T.at<const float>(Z), *w_in = T.at<const float>(W_IN), *b_in = T.at<const float>(B_IN),
+                *s = T.at<const float>(SEED);
+    const int64_t *starts = T.at<const int64_t>(STARTS), *sizes = T.at<const int64_t>(SIZES);
+    float *q = T.at<float>(Q), *u = T.at<float>(U), *a = T.at<float>(A), *pooled = T.at<float>(POOLED),
+          *att = T.at<float>(ATT), *h1 = T.at<float>(H1), *z1 = T.at<float>(Z1), *hs = T.at<float>(HS);
+    // the seed's query, and the key projection folded into it: u_h = d^-1/2 q_h^T W_k,h
+    linear(1, C, C, s, w_in, b_in, q);
+    const float scale = 1.0f / std::sqrt((float)d);
+    for (int64_t h = 0; h < H; ++h)
+        for (int64_t c = 0; c < C; ++c) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < d; ++j) acc += q[h * d + j] * w_in[(C + h * d + j) * C + c];
+            u[h * C + c] = acc * scale;
+        }
+    gemm(false, true, N, H, C, 1.0f, z, C, u, C, 0.0f, a, H);  // scores, softmaxed in place below
+    int code = abp_pma_pool_forward(a, z, a, pooled, starts, sizes, M, H, C, (int)T.threads);
+    if (code) return code;
+    const float *w_v = w_in + 2 * C * C, *b_v = b_in + 2 * C;
+    for (int64_t h = 0; h < H; ++h)  // att[m, head h] = W_v,h pooled[m, h] + b_v,h
+        gemm(false, true, M, d, C, 1.0f, pooled + h * C, H * C, w_v + h * d * C, C, 0.0f, att + h * d, C);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < C; ++c) att[m * C + c] = sizes[m] ? att[m * C + c] + b_v[c] : 0.0f;  // empty: no keys
+    linear(M, C, C, att, T.at<const float>(W_O), T.at<const float>(B_O), h1);
+    for (int64_t i = 0; i < MC; ++i) h1[i] += s[i % C];
+    linear(M, C, C, h1, T.at<const float>(W_L), T.at<const float>(B_L), z1);
+    for (int64_t i = 0; i < MC; ++i) hs[i] = h1[i] + (z1[i] > 0.0f ? z1[i] : 0.0f);
+    for (int64_t k = 0; k < T.D; ++k) {  // a decoder over one key: its softmax weight is exactly 1
+        const float* hin = hs + k * MC;
+        float *v = T.at<float>(V) + k * MC, *hh = T.at<float>(HH) + k * MC, *zz = T.at<float>(ZZ) + k * MC,
+              *hout = hs + (k + 1) * MC;
+        linear(M, C, C, hin, T.dec(k, 0) + 2 * C * C, T.dec(k, 1) + 2 * C, v);
+        linear(M, C, C, v, T.dec(k, 2), T.dec(k, 3), hh);
+        for (int64_t i = 0; i < MC; ++i) hh[i] += hin[i];
+        linear(M, C, C, hh, T.dec(k, 4), T.dec(k, 5), zz);
+        for (int64_t i = 0; i < MC; ++i) hout[i] = hh[i] + (zz[i] > 0.0f ? zz[i] : 0.0f);
+    }
+    const float* last = hs + T.D * MC;
+    float* out = T.at<float>(OUT);
+    if (T.Cout) {
+        linear(M, C, T.Cout, last, T.at<const float>(W_OUT), T.at<const float>(B_OUT), out);
+        for (int64_t i = 0; i < M * T.Cout; ++i) out[i] = out[i] > 0.0f ? out[i] : 0.0f;
+    } else {
+        std::memcpy(out, last, sizeof(float) * MC);
+    }
+    return 0;
+}
+
+// Its backward from ptrs[GRAD_OUT] [M, out]: every parameter gradient (decoders' q/k rows and the PMA's key bias
+// exactly 0) and dL/dz [N, C] into ptrs[GZ].
+int abp_pma_tail_backward(const int64_t* dims, const int64_t* ptrs) {
+    if (!g_sgemm) return 4;
+    const Tail T = tail_of(dims, ptrs);
+    const int64_t N = T.N, M = T.M, C = T.C, H = T.H, d = C / H, MC = M * C;
+    const float *z = T.at<const float>(Z), *w_in = T.at<const float>(W_IN), *s = T.at<const float>(SEED),
+                *q = T.at<const float>(Q), *u = T.at<const float>(U), *a = T.at<const float>(A),
+                *pooled = T.at<const float>(POOLED), *att = T.at<const float>(ATT), *h1 = T.at<const float>(H1),
+                *z1 = T.at<const float>(Z1), *hs = T.at<const float>(HS);
+    const int64_t *starts = T.at<const int64_t>(STARTS), *sizes = T.at<const int64_t>(SIZES);
+    std::vector<float> g(MC), g2(MC), g3(MC);
+    const float* last = hs + T.D * MC;
+    if (T.Cout) {
+        const float *go = T.at<const float>(GRAD_OUT), *out = T.at<const float>(OUT);
+        std::vector<float> gpre((size_t)(M * T.Cout));
+        for (int64_t i = 0; i < M * T.Cout; ++i) gpre[i] = out[i] > 0.0f ? go[i] : 0.0f;
+        linear_backward(M, C, T.Cout, last, T.at<const float>(W_OUT), gpre.data(), T.at<float>(GW_OUT),
+                        T.at<float>(GB_OUT), g.data(), false);
+    } else {
+        std::memcpy(g.data(), T.at<const float>(GRAD_OUT), sizeof(float) * MC);
+    }
+    // g: dL/d(block output); g2 / g3: scratch
+    for (int64_t k = T.D - 1; k >= 0; --k) {
+        const float *hin = hs + k * MC, *v = T.at<const float>(V) + k * MC, *hh = T.at<const float>(HH) + k * MC,
+                    *zz = T.at<const float>(ZZ) + k * MC;
+        for (int64_t i = 0; i < MC; ++i) g2[i] = zz[i] > 0.0f ? g[i] : 0.0f;  // dL/dzz
+        linear_backward(M, C, C, hh, T.dec(k, 4), g2.data(), T.dec_grad(k, 4), T.dec_grad(k, 5), g.data(), true);
+        // g is now dL/dhh; dL/dv into g3
+        linear_backward(M, C, C, v, T.dec(k, 2), g.data(), T.dec_grad(k, 2), T.dec_grad(k, 3), g3.data(), false);
+        float *gw_in = T.dec_grad(k, 0), *gb_in = T.dec_grad(k, 1);
+        std::fill(gw_in, gw_in + 2 * C * C, 0.0f);  // q and k are not used
+        std::fill(gb_in, gb_in + 2 * C, 0.0f);
+        linear_backward(M, C, C, hin, T.dec(k, 0) + 2 * C * C, g3.data(), gw_in + 2 * C * C, gb_in + 2 * C, g.data(),
+                        true);  // g += dL/dhin through v (the residual part is already in g)
+    }
+    // the PMA's feed-forward: hs[0] = h1 + relu(z1), z1 = h1 W_l^T + b_l, h1 = att W_o^T + b_o + s
+    for (int64_t i = 0; i < MC; ++i) g2[i] = z1[i] > 0.0f ? g[i] : 0.0f;
+    linear_backward(M, C, C, h1, T.at<const float>(W_L), g2.data(), T.at<float>(GW_L), T.at<float>(GB_L), g.data(),
+                    true);  // g = dL/dh1
+    float* g_seed = T.at<float>(G_SEED);
+    linear_backward(M, C, C, att, T.at<const float>(W_O), g.data(), T.at<float>(GW_O), T.at<float>(GB_O), g3.data(),
+                    false);  // g3 = dL/datt
+    std::memcpy(g_seed, T.at<float>(GB_O), sizeof(float) * C);  // the seed is h1's residual
+    for (int64_t m = 0; m < M; ++m)
+        if (!sizes[m]) std::fill(g3.data() + m * C, g3.data() + (m + 1) * C, 0.0f);
+    float *gw_in = T.at<float>(GW_IN), *gb_in = T.at<float>(GB_IN);
+    const float* w_v = w_in + 2 * C * C;
+    for (int64_t c = 0; c < C; ++c) gb_in[2 * C + c] = 0.0f;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < C; ++c) gb_in[2 * C + c] += g3[m * C + c];
+    std::vector<float> gp((size_t)(M * H * C)), gs((size_t)(N * H)), gu((size_t)(H * C));
+    for (int64_t h = 0; h < H; ++h) {
+        gemm(true, false, d, C, M, 1.0f, g3.data() + h * d, C, pooled + h * C, H * C, 0.0f,
+             gw_in + (2 * C + h * d) * C, C);  // dW_v,h = datt_h^T pooled_h
+        gemm(false, false, M, C, d, 1.0f, g3.data() + h * d, C, w_v + h * d * C, C, 0.0f, gp.data() + h * C,
+             H * C);  // dpooled_h = datt_h W_v,h
+    }
+    float* gz = T.at<float>(GZ);
+    int code = abp_pma_pool_backward(gp.data(), z, a, gz, gs.data(), starts, sizes, M, H, C, (int)T.threads);
+    if (code) return code;
+    gemm(true, false, H, C, N, 1.0f, gs.data(), H, z, C, 0.0f, gu.data(), C);  // dL/du
+    gemm(false, false, N, C, H, 1.0f, gs.data(), H, u, C, 1.0f, gz, C);       // dz += dscores u
+    const float scale = 1.0f / std::sqrt((float)d);
+    std::vector<float> gq((size_t)C, 0.0f);
+    for (int64_t h = 0; h < H; ++h)
+        for (int64_t j = 0; j < d; ++j) {
+            const int64_t r = h * d + j;
+            const float* wk = w_in + (C + r) * C;
+            float* gwk = gw_in + (C + r) * C;
+            float acc = 0.0f;
+            for (int64_t c = 0; c < C; ++c) {
+                const float gc = gu[h * C + c] * scale;
+                acc += wk[c] * gc;
+                gwk[c] = q[r] * gc;
+            }
+            gq[r] = acc;
+        }
+    for (int64_t r = 0; r < C; ++r) {  // q = W_q s + b_q
+        for (int64_t c = 0; c < C; ++c) gw_in[r * C + c] = gq[r] * s[c];
+        gb_in[r] = gq[r];
+        gb_in[C + r] = 0.0f;  // the key bias cancels in the softmax
+    }
+    gemm(false, false, 1, C, C, 1.0f, gq.data(), C, w_in, C, 1.0f, g_seed, C);  // g_seed += W_q^T gq
     return 0;
 }
 
