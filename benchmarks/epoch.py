@@ -243,9 +243,11 @@ def analytic_gflop(spec: dict, batches, heads: int) -> Dict[str, float]:
     """Executed matmul + attention GFLOP of one training step (forward + backward = 3x forward, 2 FLOP per
     multiply-add), mean over ``batches``: SchNet's fast path (filter network per undirected pair, three
     atom-wise linear layers per interaction) and ABP at the trainer's defaults (input projection, 2 SABs
-    with q|k|v recomputed in the backward, PMA with k = 1 on the packed keys, one decoder over one seed
+    with q|k|v recomputed in the backward only above ``native_readout.KEEP_QKV_BYTES`` (the default
+    ``recompute=None``), PMA with k = 1 on the packed keys, one decoder over one seed
     without q/k, output projection)."""
     from abp_core.graph import radius_graph, undirected_pairs
+    from abp_core.native_readout import KEEP_QKV_BYTES
 
     h, t = spec["hidden"], spec["interactions"]
     out = {"backbone": 0.0, "abp": 0.0}
@@ -256,8 +258,39 @@ def analytic_gflop(spec: dict, batches, heads: int) -> Dict[str, float]:
         sq = float((torch.bincount(b.batch).double() ** 2).sum())
         fwd = (n * h * h + 2 * (5 * h * h * n + 2 * h * sq) + n * h * h + 2 * heads * h * n + 3 * m * h * h
                + 3 * m * h * h + m * h * h)
-        out["abp"] += (3 * 2 * fwd + 2 * 2 * 3 * h * h * n) / 1e9
+        recompute = n * 3 * h * 4 > KEEP_QKV_BYTES
+        out["abp"] += (3 * 2 * fwd + (2 * 2 * 3 * h * h * n if recompute else 0)) / 1e9
     return {k: v / len(batches) for k, v in out.items()}
+
+
+def matmul_floor(spec: dict, batches, device, repeats: int = 5) -> float:
+    """Median seconds per training step of ABP's atom-wise matmuls alone, at the profiled batches' shapes, as
+    ``torch.mm`` runs them on random data: the input projection, two SABs' ``q|k|v``, output and feed-forward
+    layers and the PMA key projection, forward and both backward products (no recomputation; attention,
+    element-wise passes and the molecule-level layers left out). No exact float32 implementation of the readout
+    on this device can be faster, so ``floor - sum's readout`` bounds ABP's extra cost per step from below."""
+    h = spec["hidden"]
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    times = []
+    for b in batches:
+        n = b.num_nodes
+        x, g = torch.randn(n, h, device=device), torch.randn(n, 3 * h, device=device)
+        w, w3 = torch.randn(h, h, device=device), torch.randn(3 * h, h, device=device)
+
+        def step():
+            for _ in range(6):  # input, 2 x (output, feed-forward), PMA keys: forward, input and weight gradients
+                torch.mm(x, w.t()), torch.mm(x, w), torch.mm(x.t(), x)
+            for _ in range(2):  # the two SABs' q|k|v
+                torch.mm(x, w3.t()), torch.mm(g, w3), torch.mm(g.t(), x)
+
+        step()
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = clock()
+            step()
+            synchronize(device)
+            times.append(clock() - t0)
+    return median(times)
 
 
 def operator_profile(task, batches, device, top: int = 12):
@@ -367,6 +400,13 @@ def main(argv=None) -> int:
         print(f"# analytic GFLOP per training step (fwd+bwd): backbone {gf['backbone']:.3f} "
               f"({gf['backbone'] / t_bb:.0f} GFLOP/s), ABP readout {gf['abp']:.3f} ({gf['abp'] / t_ro:.0f} GFLOP/s): "
               f"ABP's arithmetic is {gf['abp'] / gf['backbone']:.0%} of the backbone's")
+        floor = matmul_floor(spec, batches, device)
+        sum_ro = phases["sum"]["readout forward"] + phases["sum"]["backward: head + readout"]
+        sum_step = phases["sum"]["= model step"]
+        print(f"# ABP's atom-wise matmuls alone (torch.mm at the same shapes): {floor * 1e3:.2f} ms per step, against "
+              f"ABP's readout {t_ro * 1e3:.2f} ms and sum's {sum_ro * 1e3:.2f} ms: at least "
+              f"{(floor - sum_ro) * 1e3:+.2f} ms per step over sum for any exact float32 ABP here, "
+              f"{1 + max(floor - sum_ro, 0) / sum_step:.3f}x of sum's model step ({sum_step * 1e3:.2f} ms)")
         table, wall, inside = operator_profile(tasks["abp"], batches, device)
         print(f"\n### {name}: ABP readout forward + backward per batch under torch.profiler: {wall * 1e3:.2f} ms "
               f"wall, {inside * 1e3:.2f} ms inside operators (self time; Python inside an autograd.Function "
