@@ -3,10 +3,13 @@ r"""ABP's whole readout as one autograd node on the native CPU path.
 :class:`~abp_core.readouts.AttentionPooling` in float32 on the CPU with the native kernels
 (:func:`abp_core.readouts.set_attention_path` says ``"native"``), SAB encoders, one seed and no layer
 norms (the paper's layout and the package's defaults) runs here instead of as ~20 modules and ~30
-autograd nodes. The forward and its hand-written backward are straight-line code: one matmul per
-linear layer (the same ``torch.mm``/``addmm`` calls as the module path), the native kernels for the
-attention, the element-wise passes and the PMA's per-molecule softmax and weighted sums, and the
-molecule table built in one pass from the batch vector. Same numbers as the module path (fp32
+autograd nodes. The forward and its hand-written backward are straight-line code: one ``torch.mm``
+per atom-wise linear layer, the native kernels for the attention and the element-wise passes, the
+molecule table built in one pass from the batch vector, and everything after the PMA keys (the seed's
+scores, the per-molecule softmax and weighted sums, the PMA's feed-forward, the decoders, the output
+projection: ~60 small operator calls) in one native call each way, its matmuls through the BLAS
+``sgemm_`` inside PyTorch's own library (:func:`abp_core.kernels.has_blas`; where it is not found,
+those steps run as PyTorch ops, :func:`python_tail`). Same numbers as the module path (fp32
 ``allclose``; the module path in float64 to ~1e-6 relative, see ``tests/test_native_readout.py``).
 
 Why: at small batches (the quickstart's 32 QM9 molecules, ~450 atoms) ABP's arithmetic is ~1.5 ms per
@@ -40,7 +43,7 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["parameters", "attention_pooling", "disabled", "KEEP_QKV_BYTES"]
+__all__ = ["parameters", "attention_pooling", "disabled", "python_tail", "KEEP_QKV_BYTES"]
 
 _state = {"off": False, "native_tail": True}
 

@@ -401,12 +401,14 @@ def main(argv=None) -> int:
               f"({gf['backbone'] / t_bb:.0f} GFLOP/s), ABP readout {gf['abp']:.3f} ({gf['abp'] / t_ro:.0f} GFLOP/s): "
               f"ABP's arithmetic is {gf['abp'] / gf['backbone']:.0%} of the backbone's")
         floor = matmul_floor(spec, batches, device)
+        # readout + head backward of sum: what ABP's readout replaces, plus the (shared) head
         sum_ro = phases["sum"]["readout forward"] + phases["sum"]["backward: head + readout"]
-        sum_step = phases["sum"]["= model step"]
-        print(f"# ABP's atom-wise matmuls alone (torch.mm at the same shapes): {floor * 1e3:.2f} ms per step, against "
-              f"ABP's readout {t_ro * 1e3:.2f} ms and sum's {sum_ro * 1e3:.2f} ms: at least "
-              f"{(floor - sum_ro) * 1e3:+.2f} ms per step over sum for any exact float32 ABP here, "
-              f"{1 + max(floor - sum_ro, 0) / sum_step:.3f}x of sum's model step ({sum_step * 1e3:.2f} ms)")
+        per_step = median(times["sum"]["cpu" if device.type == "cpu" else "wall"]) / steps
+        bound = max(floor - sum_ro, 0.0)
+        print(f"# ABP's atom-wise matmuls alone (torch.mm at the same shapes): {floor * 1e3:.2f} ms per step; ABP's "
+              f"readout (forward, backward with the head's) {t_ro * 1e3:.2f} ms, sum's {sum_ro * 1e3:.2f} ms; so any exact "
+              f"float32 ABP costs at least {bound * 1e3:.2f} ms per step more than sum here: an epoch ratio of at least "
+              f"{1 + bound / per_step:.3f}x (sum's epoch: {per_step * 1e3:.1f} ms per train step)")
         table, wall, inside = operator_profile(tasks["abp"], batches, device)
         print(f"\n### {name}: ABP readout forward + backward per batch under torch.profiler: {wall * 1e3:.2f} ms "
               f"wall, {inside * 1e3:.2f} ms inside operators (self time; Python inside an autograd.Function "
