@@ -254,6 +254,16 @@ def test_write_results_is_json_safe(tmp_path):
     assert data == {"mae": 0.5, "nan": None, "n": 3, "table": [{"a": 1.0}, {"a": None}], "p": str(tmp_path)}
 
 
+def test_runs_directory_smoke_one_throwaway_folder_per_kernel(tmp_path):
+    """Smoke mode: one temporary runs folder per process, whatever runs_dir says, shared by the notebooks run in
+    one kernel (identical smoke runs train once); normal mode: runs_dir, else <output_dir>/runs."""
+    first = nb.runs_directory(tmp_path / "a", True, str(tmp_path / "kept"))
+    assert first.is_dir() and tmp_path not in first.parents and not (tmp_path / "kept").exists()
+    assert nb.runs_directory(tmp_path / "b", True) == first
+    assert nb.runs_directory(tmp_path / "c", False) == (tmp_path / "c" / "runs").resolve()
+    assert nb.runs_directory(tmp_path / "c", False, str(tmp_path / "r")) == (tmp_path / "r").resolve()
+
+
 def test_arms_and_paper_reference():
     arms = nb.arms(["sum", "mean", "owa", "abp"], ["(64,4,2)", "(64,16,3)"])
     assert [a.label for a in arms] == ["sum", "average", "owa", "ABP(64,4,2)", "ABP(64,16,3)"]

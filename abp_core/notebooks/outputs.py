@@ -2,7 +2,7 @@
 
 * :func:`prepare_output_dir` -- an absolute, existing output folder;
 * :func:`runs_directory` -- the trainer's run directories (``<output_dir>/runs``, reused and resumed;
-  a temporary folder in smoke mode, removed when the kernel exits);
+  in smoke mode one temporary folder per kernel, removed when the kernel exits);
 * :func:`write_results` -- ``results.json``, JSON-safe and written atomically; :func:`abp_core.notebooks.run_grid`
   collects them;
 * :func:`quiet_training_logs` -- Lightning's banners off, so notebook outputs show results.
@@ -33,7 +33,7 @@ def prepare_output_dir(output_dir: Union[str, os.PathLike]) -> Path:
     return path
 
 
-_TEMP_DIRS: List[Path] = []
+_TEMP_DIRS: List[Path] = []  # smoke mode's runs folder of this process (the last one), removed at exit
 
 
 def _cleanup_temp_dirs() -> None:
@@ -48,13 +48,15 @@ def runs_directory(output_dir: Union[str, os.PathLike], smoke: bool, runs_dir: O
     """Where the trainer puts its run directories.
 
     Normal mode: ``runs_dir`` or ``<output_dir>/runs`` (finished runs are reused, interrupted ones
-    resume). Smoke mode: a fresh temporary directory, removed when the kernel exits, so that a smoke
-    run never reuses (or leaves behind) checkpoints.
+    resume). Smoke mode: one temporary directory per process (kernel), removed when it exits, so that a
+    smoke run never reuses checkpoints of another session or leaves any behind; within one kernel, smoke
+    runs with the same configuration (the quickstart and then ``08``, or a notebook run twice) are trained
+    once, as ``runs_dir`` does in normal mode.
     """
     if smoke:
-        path = Path(tempfile.mkdtemp(prefix="abp-smoke-runs-"))
-        _TEMP_DIRS.append(path)
-        return path
+        if not (_TEMP_DIRS and _TEMP_DIRS[-1].is_dir()):
+            _TEMP_DIRS.append(Path(tempfile.mkdtemp(prefix="abp-smoke-runs-")))
+        return _TEMP_DIRS[-1]
     path = Path(runs_dir).expanduser().resolve() if runs_dir else Path(output_dir).expanduser().resolve() / "runs"
     path.mkdir(parents=True, exist_ok=True)
     return path
