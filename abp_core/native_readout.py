@@ -49,13 +49,17 @@ _state = {"off": False, "native_tail": True}
 
 
 @contextlib.contextmanager
-def disabled():
-    """Inside this block :class:`~abp_core.readouts.AttentionPooling` runs its module path."""
-    previous, _state["off"] = _state["off"], True
+def _switched(key: str, value: bool):
+    previous, _state[key] = _state[key], value
     try:
         yield
     finally:
-        _state["off"] = previous
+        _state[key] = previous
+
+
+def disabled():
+    """Inside this block :class:`~abp_core.readouts.AttentionPooling` runs its module path."""
+    return _switched("off", True)
 
 
 def parameters(readout, x: Tensor, path: str) -> Optional[List[Tensor]]:
@@ -397,14 +401,9 @@ def _keys_and_encoders_backward(plan: _Plan, saved: dict, x: Tensor, ps: List[Te
  _DECODERS) = range(36)
 
 
-@contextlib.contextmanager
 def python_tail():
     """Inside this block the steps after the PMA keys run as PyTorch ops instead of the one native call (tests)."""
-    previous, _state["native_tail"] = _state["native_tail"], False
-    try:
-        yield
-    finally:
-        _state["native_tail"] = previous
+    return _switched("native_tail", False)
 
 
 def _tail_forward(plan: _Plan, z: Tensor, ps: List[Tensor], i: int):
