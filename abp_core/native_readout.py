@@ -43,7 +43,7 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["parameters", "attention_pooling", "disabled", "python_tail", "KEEP_QKV_BYTES"]
+__all__ = ["parameters", "attention_pooling", "sab_backward", "disabled", "python_tail", "KEEP_QKV_BYTES"]
 
 _state = {"off": False, "native_tail": True}
 
@@ -147,12 +147,12 @@ def _relu_bias(plan: _Plan, z: Tensor, bias: Tensor, h: Optional[Tensor] = None)
     return mask
 
 
-def _relu_bias_backward(plan: _Plan, grad: Tensor, mask: Tensor):
+def _relu_bias_backward(lib, threads: int, grad: Tensor, mask: Tensor):
     """``(grad * mask, its column sums, column sums of grad)``."""
     rows, cols = grad.shape
     out, sum_out, sum_grad = torch.empty_like(grad), grad.new_empty(cols), grad.new_empty(cols)
-    plan.lib.abp_relu_backward(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), sum_out.data_ptr(),
-                               sum_grad.data_ptr(), rows, cols, plan.threads)
+    lib.abp_relu_backward(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), sum_out.data_ptr(),
+                          sum_grad.data_ptr(), rows, cols, threads)
     return out, sum_out, sum_grad
 
 
@@ -270,21 +270,24 @@ class _AttentionPooling(torch.autograd.Function):
         return (grads[0], None, *grads[1:])
 
 
-def _sab_backward(plan: _Plan, gy: Tensor, saved_sab, w_in, b_in, w_o, w_l) -> tuple:
-    """One encoder SAB's backward (as :class:`abp_core.readouts._FusedSelfAttentionBlock`'s native one):
-    ``(dL/dx, gw_in, gb_in, gw_o, gb_o, gw_l, gb_l)``."""
-    lib, c, heads, t = plan.lib, plan.c, plan.heads, plan.threads
+def sab_backward(gy: Tensor, saved_sab, w_in, b_in, w_o, w_l, groups, heads: int) -> tuple:
+    """One SAB's backward on the native kernels (this node's encoders and
+    :class:`abp_core.readouts._FusedSelfAttentionBlock`): ``(dL/dx, gw_in, gb_in, gw_o, gb_o, gw_l, gb_l)`` from
+    ``gy`` (contiguous), the forward's ``(x, out, h, mask, lses, kept)`` (one log-sum-exp tensor per group;
+    ``kept``: the groups' bias-free ``q|k|v``, or empty to recompute them) and ``groups`` ``[(first_row, end_row,
+    molecule table)]``."""
+    lib, c, t = kernels._lib(), w_o.size(1), torch.get_num_threads()
     x, out, h, mask, lses, kept = saved_sab
-    gz, gb_l, sum_gy = _relu_bias_backward(plan, gy, mask)
+    gz, gb_l, sum_gy = _relu_bias_backward(lib, t, gy, mask)
     gb_o = torch.addmv(sum_gy, w_l.t(), gb_l)  # column sums of gh = gy + gz W_l
     gw_l = gz.t().mm(h)
     gh = torch.addmm(gy, gz, w_l)  # dL/dh; becomes dL/dx below
     gw_o = gh.t().mm(out)
     go = torch.mm(gh, w_o, out=gz)
-    single = len(plan.groups) == 1
+    single = len(groups) == 1
     gw_in = None if single else torch.zeros_like(w_in)
     gb_in = None
-    for g, (r0, r1, (g_starts, g_sizes)) in enumerate(plan.groups):
+    for g, (r0, r1, (g_starts, g_sizes)) in enumerate(groups):
         xg = x if single else x[r0:r1]
         # kept, or recomputed (bias-free, as in the forward) and overwritten by its own gradient
         qkv = kept[g] if kept else torch.mm(xg, w_in.t())
@@ -376,18 +379,18 @@ def _keys_and_encoders_backward(plan: _Plan, saved: dict, x: Tensor, ps: List[Te
     """From dL/d(PMA keys) ``gz``: the key projection's, the encoder SABs' and the input projection's gradients
     (``i``: index of the PMA's parameters)."""
     w_p = ps[i + 6]
-    gzp, gb_p, _ = _relu_bias_backward(plan, gz, saved["z_mask"])
+    gzp, gb_p, _ = _relu_bias_backward(plan.lib, plan.threads, gz, saved["z_mask"])
     grads[i + 6], grads[i + 7] = gzp.t().mm(saved["keys_input"]), gb_p
     g = gzp.mm(w_p)
     # encoder SABs
     for k in reversed(range(plan.num_encoders)):
         i = (2 if plan.has_input else 0) + 6 * k
         w_in, b_in, w_o, _, w_l, _ = ps[i:i + 6]
-        g, *pg = _sab_backward(plan, g, saved["sabs"][k], w_in, b_in, w_o, w_l)
+        g, *pg = sab_backward(g, saved["sabs"][k], w_in, b_in, w_o, w_l, plan.groups, plan.heads)
         grads[i:i + 6] = pg
     gx = None
     if plan.has_input:
-        gpre, gb0, _ = _relu_bias_backward(plan, g, saved["input"])
+        gpre, gb0, _ = _relu_bias_backward(plan.lib, plan.threads, g, saved["input"])
         grads[0], grads[1] = gpre.t().mm(x), gb0
         gx = gpre.mm(ps[0]) if need_x else None
     elif need_x:

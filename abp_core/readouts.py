@@ -697,34 +697,28 @@ class _FusedSelfAttentionBlock(torch.autograd.Function):
                                                           w_l, out, h, mask, lses, kept)
             return grads + (None, None, None, None)
         gy = gy.contiguous()
-        if ctx.native:  # one pass: ReLU backward and the column sums of gz and gy
-            gz, gb_l, sum_gy = kernels.relu_backward(gy, mask)
-            gb_o = torch.addmv(sum_gy, w_l.t(), gb_l)  # column sums of gh = gy + gz W_l
-        else:
-            gz = gy * mask  # ReLU backward; 3x faster than torch.where(mask, gy, 0) on CPU (measured)
-            gb_l = gz.sum(0)
+        if ctx.native:  # one log-sum-exp tensor and one molecule table per group
+            groups = [(r0, r1, table) for (r0, r1, _, _), (table, _) in zip(ctx.groups, ctx.tables)]
+            gh, *grads = native_readout.sab_backward(gy, (x, out, h, mask, lses, kept), w_in, b_in, w_o, w_l, groups,
+                                                     ctx.heads)
+            return (gh if ctx.needs_input_grad[0] else None), *grads, None, None, None, None
+        gz = gy * mask  # ReLU backward; 3x faster than torch.where(mask, gy, 0) on CPU (measured)
+        gb_l = gz.sum(0)
         gw_l = gz.t().mm(h)
         gh = torch.addmm(gy, gz, w_l)  # dL/dh = gy + gz W_l; becomes dL/dx below
         gw_o = gh.t().mm(out)
-        if not ctx.native:
-            gb_o = gh.sum(0)
+        gb_o = gh.sum(0)
         go = torch.mm(gh, w_o, out=gz)
         gw_in, gb_in = torch.zeros_like(w_in), torch.zeros_like(b_in)
         i = 0
         for g, ((r0, r1, blocks, _), (table, count)) in enumerate(zip(ctx.groups, ctx.tables)):
             xg = x[r0:r1]
-            if kept:
-                qkv = kept[g]
-                grad = torch.empty_like(qkv)
-            elif ctx.native:  # recomputed (bias-free, as in the forward), then overwritten by its own gradient
-                qkv = grad = torch.mm(xg, w_in.t())
-            else:
-                qkv = grad = torch.addmm(b_in, xg, w_in.t())
-            _, sums = _attention_backward(go[r0:r1], qkv, out[r0:r1], table, lses[i:i + count], blocks, ctx.heads,
-                                          grad, bias=b_in if ctx.native else None)
+            qkv = kept[g] if kept else torch.addmm(b_in, xg, w_in.t())
+            grad = torch.empty_like(qkv) if kept else qkv  # recomputed q|k|v is overwritten by its own gradient
+            _attention_backward(go[r0:r1], qkv, out[r0:r1], table, lses[i:i + count], blocks, ctx.heads, grad)
             i += count
             gw_in.addmm_(grad.t(), xg)
-            gb_in += grad.sum(0) if sums is None else sums
+            gb_in += grad.sum(0)
             gh[r0:r1].addmm_(grad, w_in)
         return (gh if ctx.needs_input_grad[0] else None), gw_in, gb_in, gw_o, gb_o, gw_l, gb_l, None, None, None, None
 
