@@ -47,7 +47,7 @@ __all__ = ["available", "unavailable_reason", "applies", "supports", "disabled",
            "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
-ABI_VERSION = 8
+ABI_VERSION = 9
 HEAD_DIMS = (16, 32, 64)
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native", "-mprefer-vector-width=512"]
 
@@ -130,6 +130,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.abp_pma_tail_forward.argtypes = [p, p]
     lib.abp_pma_tail_backward.argtypes = [p, p]
     lib.abp_pma_tail_forward.restype = lib.abp_pma_tail_backward.restype = i32
+    lib.abp_readout_workspace.argtypes = [p, p]
+    lib.abp_readout_workspace.restype = None
+    lib.abp_readout_forward.argtypes = [p, p, p, p, p, p, p, p]
+    lib.abp_readout_backward.argtypes = [p, p, p, p, p, p, p, p, p, p, p]
+    lib.abp_readout_forward.restype = lib.abp_readout_backward.restype = i32
     sgemm = _torch_sgemm()
     lib.abp_has_sgemm = sgemm is not None
     if sgemm is not None:

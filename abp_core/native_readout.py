@@ -43,9 +43,9 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["parameters", "attention_pooling", "sab_backward", "disabled", "python_tail", "KEEP_QKV_BYTES"]
+__all__ = ["parameters", "attention_pooling", "sab_backward", "disabled", "python_tail", "stepwise", "KEEP_QKV_BYTES"]
 
-_state = {"off": False, "native_tail": True}
+_state = {"off": False, "native_tail": True, "whole": True}
 
 
 @contextlib.contextmanager
@@ -110,6 +110,11 @@ def attention_pooling(readout, x: Tensor, batch: Tensor, dim_size: int, params: 
     c, heads = readout.hidden_channels, readout.heads
     n = x.size(0)
     recompute = readout.recomputes(n)
+    if _state["whole"] and not recompute and kernels.has_blas():
+        plan = _WholePlan(lib, readout, starts, sizes)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _WholeReadout.apply(x, plan, *params)
+        return _whole_forward(plan, x, params)[0]
     present = None
     if num_present < dim_size:
         present = sizes > 0
@@ -461,3 +466,72 @@ def _tail_backward(plan: _Plan, t: dict, grad: Tensor, ps: List[Tensor], grads: 
     table = (ctypes.c_int64 * len(ptrs))(*ptrs)
     _check(plan.lib.abp_pma_tail_backward(dims, table), "PMA tail backward")
     return gz
+
+
+# ---- the whole readout in one native call each way (q|k|v kept: the usual case below KEEP_QKV_BYTES) ----
+
+def stepwise():
+    """Inside this block the readout runs step by step (one PyTorch or native call per layer, the tail in one
+    call) instead of in one native call each way (tests, benchmarks)."""
+    return _switched("whole", False)
+
+
+class _WholePlan:
+    """Shapes and the molecule table of one whole-readout call."""
+
+    def __init__(self, lib, readout, starts, sizes):
+        mods = readout._modules
+        self.lib, self.starts, self.sizes = lib, starts, sizes
+        self.c, self.heads = readout.hidden_channels, readout.heads
+        self.in_ch = mods["input_lin"].in_features if mods.get("input_lin") is not None else 0
+        self.out_ch = mods["output_lin"].out_features if mods.get("output_lin") is not None else 0
+        self.num_encoders, self.num_decoders = len(mods["encoders"]), len(mods["decoders"])
+        self.threads = torch.get_num_threads()
+
+
+def _whole_forward(plan: _WholePlan, x: Tensor, ps: List[Tensor]):
+    """``(output, state for the backward)``: csrc's ``abp_readout_forward``, every intermediate in two
+    workspaces (floats, ReLU masks) laid out by the library."""
+    lib, m = plan.lib, plan.starts.numel()
+    if x.size(1) != (plan.in_ch or plan.c):
+        raise ValueError(f"expected features with {plan.in_ch or plan.c} channels, got {tuple(x.shape)}")
+    dims = (ctypes.c_int64 * 9)(x.size(0), m, plan.c, plan.heads, plan.num_encoders, plan.num_decoders,
+                                plan.out_ch, plan.in_ch, plan.threads)
+    size = (ctypes.c_int64 * 2)()
+    lib.abp_readout_workspace(dims, size)
+    ws, wb = x.new_empty(size[0]), torch.empty(size[1], dtype=torch.uint8)
+    out = x.new_empty(m, plan.out_ch or plan.c)
+    table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
+    _check(lib.abp_readout_forward(dims, table, x.data_ptr(), plan.starts.data_ptr(), plan.sizes.data_ptr(),
+                                   ws.data_ptr(), wb.data_ptr(), out.data_ptr()), "readout forward")
+    return out, (dims, ws, wb, out)
+
+
+class _WholeReadout(torch.autograd.Function):
+    """One autograd node, one native call each way, for the whole readout."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: _WholePlan, *ps: Tensor) -> Tensor:
+        out, ctx.state = _whole_forward(plan, x, list(ps))
+        ctx.plan = plan
+        ctx.save_for_backward(x, *ps)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, *ps = ctx.saved_tensors
+        plan, (dims, ws, wb, out) = ctx.plan, ctx.state
+        grad = grad.contiguous()
+        # all parameter gradients in one allocation, each a contiguous view with its parameter's shape
+        flat = x.new_empty(sum(p.numel() for p in ps))
+        grads = [g.view(p.shape) for g, p in zip(flat.split([p.numel() for p in ps]), ps)]
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
+        gtable = (ctypes.c_int64 * len(ps))(*[g.data_ptr() for g in grads])
+        _check(plan.lib.abp_readout_backward(dims, table, gtable, x.data_ptr(), plan.starts.data_ptr(),
+                                             plan.sizes.data_ptr(), ws.data_ptr(), wb.data_ptr(), out.data_ptr(),
+                                             grad.data_ptr(), None if gx is None else gx.data_ptr()),
+               "readout backward")
+        ctx.state = None
+        return (gx, None, *grads)

@@ -362,11 +362,15 @@ def main(argv=None) -> int:
             base = {k: median(times["sum" + suffix][k]) for k in ("wall", "cpu")}
             wall, cpu = times[ro]["wall"], times[ro]["cpu"]
             t, c = median(wall), median(cpu)
+            # each epoch over the sum epoch of the same round and index (run seconds apart): robust to the
+            # machine's speed drifting between rounds (a shared host), where the ratio of medians is not
+            paired = median([a / b for a, b in zip(cpu, times["sum" + suffix]["cpu"])])
             rows.append([name, ro, f"{t:.2f}", f"{min(wall):.2f}", f"{max(wall):.2f}", len(wall),
                          f"{t / steps * 1e3:.1f}", f"{t / base['wall']:.3f}x", f"{c:.2f}",
-                         f"{c / base['cpu']:.3f}x"])
+                         f"{c / base['cpu']:.3f}x", f"{paired:.3f}x"])
             if readout != "sum":
-                summary.append(f"{name} {ro} {t / base['wall']:.3f}x (CPU time {c / base['cpu']:.3f}x)")
+                summary.append(f"{name} {ro} {t / base['wall']:.3f}x (CPU time {c / base['cpu']:.3f}x, "
+                               f"paired {paired:.3f}x)")
         if args.baseline:
             for ro in ("sum", "abp"):
                 if ro in args.readouts:
@@ -379,7 +383,7 @@ def main(argv=None) -> int:
               f"batch {spec['batch']}, ABP {spec['abp'] or 'defaults'}; {steps} train steps per epoch; "
               f"{args.rounds} round(s) x {args.epochs_per_run} epochs ({time.perf_counter() - t0:.0f} s)")
         print(fmt_table(["config", "readout", "median epoch s", "min s", "max s", "epochs", "ms / train step",
-                         "vs sum", "median CPU s", "CPU vs sum"], rows))
+                         "vs sum", "median CPU s", "CPU vs sum", "CPU vs sum, paired"], rows))
         if args.no_profile or "abp" not in args.readouts:
             continue
         phases, batches, tasks = phase_profile(spec, dataset, args, device, profile_batches)

@@ -25,7 +25,12 @@ def _run(readout, x, batch, dim_size, gout):
     return out, grads, out.grad_fn
 
 
-def _compare(readout, sizes, dim_size=None, channels=64, seed=0, atol=2e-6):
+OURS = ("_WholeReadoutBackward", "_AttentionPoolingBackward")  # one native call each way; step by step
+
+
+def _compare(readout, sizes, dim_size=None, channels=64, seed=0, atol=2e-6, node=None):
+    """Outputs and all gradients against the module path; ``node``: the expected autograd node (default: either
+    of this module's)."""
     torch.manual_seed(seed)
     batch = _batch(sizes)
     dim_size = dim_size or len(sizes)
@@ -34,8 +39,8 @@ def _compare(readout, sizes, dim_size=None, channels=64, seed=0, atol=2e-6):
     out, grads, fn = _run(readout, x, batch, dim_size, gout)
     with native_readout.disabled():
         ref, ref_grads, ref_fn = _run(readout, x, batch, dim_size, gout)
-    assert type(fn).__name__ == "_AttentionPoolingBackward"
-    assert type(ref_fn).__name__ != "_AttentionPoolingBackward"
+    assert type(fn).__name__ in ((node,) if node else OURS)
+    assert type(ref_fn).__name__ not in OURS
     torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5)
     names = ["x"] + [n for n, _ in readout.named_parameters()]
     for name, g, r in zip(names, grads, ref_grads):
@@ -54,16 +59,21 @@ def _compare(readout, sizes, dim_size=None, channels=64, seed=0, atol=2e-6):
     dict(heads=4, out_channels=32, num_encoder_blocks=0),
     dict(heads=4, concat=True),
 ])
-@pytest.mark.parametrize("tail", ["native", "python"])
-def test_equals_module_path(kwargs, tail):
-    # tail: the steps after the PMA keys in one native call (PyTorch's BLAS) or as PyTorch ops
-    if tail == "native" and not kernels.has_blas():
+@pytest.mark.parametrize("path", ["whole", "native tail", "python tail"])
+def test_equals_module_path(kwargs, path):
+    if path != "python tail" and not kernels.has_blas():
         pytest.skip("PyTorch's sgemm_ not found")
     torch.manual_seed(1)
     readout = AttentionPooling(64, **kwargs)
-    with (native_readout.python_tail() if tail == "python" else contextlib.nullcontext()):
-        _compare(readout, [5, 1, 17, 9, 3, 12, 30, 2])
-        _compare(readout, [1, 0, 4, 0, 1, 7], dim_size=8)
+    with contextlib.ExitStack() as stack:
+        if path != "whole":
+            stack.enter_context(native_readout.stepwise())
+        if path == "python tail":
+            stack.enter_context(native_readout.python_tail())
+        whole = path == "whole" and not readout.recomputes(100)
+        node = "_WholeReadoutBackward" if whole else "_AttentionPoolingBackward"
+        _compare(readout, [5, 1, 17, 9, 3, 12, 30, 2], node=node)
+        _compare(readout, [1, 0, 4, 0, 1, 7], dim_size=8, node=node)
 
 
 def test_empty_molecule_slots_and_single_atoms():
@@ -82,19 +92,35 @@ def test_all_molecules_the_same_size_and_one_molecule():
     _compare(readout, [11], channels=32)
 
 
-def test_native_tail_is_used_where_blas_is_found(monkeypatch):
+def test_which_native_calls_run(monkeypatch):
+    # q|k|v kept and PyTorch's sgemm_ found: one native call each way; step by step, the tail is one call
     readout = AttentionPooling(64, heads=4)
     x, batch = torch.randn(8, 64, requires_grad=True), _batch([3, 5])
     calls = []
     lib = kernels._lib()
-    forward = lib.abp_pma_tail_forward
-    monkeypatch.setattr(lib, "abp_pma_tail_forward", lambda *a: calls.append(1) or forward(*a))
-    readout(x, batch)
-    assert bool(calls) == kernels.has_blas()
+    for name in ("abp_readout_forward", "abp_readout_backward", "abp_pma_tail_forward"):
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    readout(x, batch).sum().backward()
+    assert calls == (["abp_readout_forward", "abp_readout_backward"] if kernels.has_blas() else [])
     calls.clear()
-    with native_readout.python_tail():
+    with native_readout.stepwise():
+        readout(x, batch)
+    assert calls == (["abp_pma_tail_forward"] if kernels.has_blas() else [])
+    calls.clear()
+    with native_readout.stepwise(), native_readout.python_tail():
         readout(x, batch)
     assert not calls
+    calls.clear()
+    readout.recompute = True  # recomputing q|k|v in the backward runs step by step
+    readout(x, batch)
+    assert calls == (["abp_pma_tail_forward"] if kernels.has_blas() else [])
+
+
+def test_whole_readout_checks_the_feature_width():
+    readout = AttentionPooling(64, heads=4, input_projection=False)
+    with pytest.raises(ValueError, match="feature width"):
+        readout(torch.randn(8, 32), _batch([3, 5]))
 
 
 def test_several_row_groups():
@@ -184,18 +210,18 @@ def test_other_layouts_run_the_module_path(make):
     dtype = next(readout.parameters()).dtype
     batch = _batch([3, 5])
     out = readout(torch.randn(8, 64, dtype=dtype, requires_grad=True), batch)
-    assert type(out.grad_fn).__name__ != "_AttentionPoolingBackward"
+    assert type(out.grad_fn).__name__ not in OURS
 
 
 def test_forced_paths_and_disabled_kernels_run_the_module_path():
     readout = AttentionPooling(64, heads=4)
     x, batch = torch.randn(8, 64, requires_grad=True), _batch([3, 5])
-    assert type(readout(x, batch).grad_fn).__name__ == "_AttentionPoolingBackward"
+    assert type(readout(x, batch).grad_fn).__name__ in OURS
     for path in ("padded", "blocks"):
         with forced_set_attention_path(path):
-            assert type(readout(x, batch).grad_fn).__name__ != "_AttentionPoolingBackward"
+            assert type(readout(x, batch).grad_fn).__name__ not in OURS
     with kernels.disabled():
-        assert type(readout(x, batch).grad_fn).__name__ != "_AttentionPoolingBackward"
+        assert type(readout(x, batch).grad_fn).__name__ not in OURS
 
 
 def test_recompute_default_depends_on_the_batch_size():

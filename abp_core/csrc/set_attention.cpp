@@ -87,10 +87,27 @@ struct HeadBias {
     }
 };
 
+// Horizontal sum and maximum of 16 lanes. With AVX-512 as a tree (four shuffle steps): the scalar loops were
+// one 16-step latency chain each, paid for every query row of every head, and at QM9's ~16 keys per molecule they
+// cost more than the row's dot products.
 inline float hsum(v16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
     float s = 0.0f;
     for (int i = 0; i < 16; ++i) s += v[i];
     return s;
+#endif
+}
+
+inline float hmax(v16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps((__m512)v);
+#else
+    float x = v[0];
+    for (int i = 1; i < 16; ++i) x = std::max(x, v[i]);
+    return x;
+#endif
 }
 
 struct Problem {
@@ -158,11 +175,7 @@ inline void scores(const float* const* rows, const HeadBias<D>& bias, float mul,
         finish(j, acc);
     }
     if (Max)
-        for (int u = 0; u < R; ++u) {
-            float x = m[u][0];
-            for (int i = 1; i < 16; ++i) x = std::max(x, m[u][i]);
-            mx[u] = x;
-        }
+        for (int u = 0; u < R; ++u) mx[u] = hmax(m[u]);
 }
 
 // o_u[0:D] = sum_j w_u[j] rows[j, 0:D] for R rows u (w at stride np; rows is n x D).
@@ -426,7 +439,8 @@ void run(const Problem& P, int threads) {
     threads = std::max(1, std::min<int>(threads, (int)std::min<int64_t>(total, 64)));
 #pragma omp parallel num_threads(threads)
     {
-        Scratch S;
+        // kept per thread across calls: at small batches allocating and zero-filling it cost as much as a task
+        static thread_local Scratch S;
         if (P.colsum) S.colsum.assign(cols, 0.0f);
         for (int64_t t; (t = next.fetch_add(1)) < total;) Task(P, order[t], S);
         if (P.colsum) {
@@ -556,7 +570,7 @@ int abp_set_attention_backward(const float* qkv, const float* bias, const float*
     return launch(P, threads, true);
 }
 
-int abp_set_attention_abi_version() { return 8; }
+int abp_set_attention_abi_version() { return 9; }
 
 
 // Linear layer epilogue, in place: z <- h + relu(z + b) (or relu(z + b) if h is null), mask <- (z + b > 0),
@@ -822,8 +836,17 @@ int abp_pma_pool_backward(const float* gp, const float* z, const float* a, float
                 for (int64_t h = 0; h < H; ++h) {
                     const float* __restrict gh = g + h * C;
                     const float w = ai[h];
-                    float ga = 0.0f;
-                    for (int64_t c = 0; c < C; ++c) {
+                    // the dot product in 16 explicit lanes: a scalar float reduction does not vectorise
+                    // (its order is fixed without -ffast-math) and ran as one FMA latency chain
+                    v16 acc{};
+                    int64_t c = 0;
+                    for (; c + 16 <= C; c += 16) {
+                        const v16 gv = load16(gh + c);
+                        store16(gzi + c, load16(gzi + c) + splat(w) * gv);
+                        acc += gv * load16(zi + c);
+                    }
+                    float ga = hsum(acc);
+                    for (; c < C; ++c) {
                         gzi[c] += w * gh[c];
                         ga += gh[c] * zi[c];
                     }
@@ -1046,6 +1069,211 @@ int abp_pma_tail_backward(const int64_t* dims, const int64_t* ptrs) {
         gb_in[C + r] = 0.0f;  // the key bias cancels in the softmax
     }
     gemm(false, false, 1, C, C, 1.0f, gq.data(), C, w_in, C, 1.0f, g_seed, C);  // g_seed += W_q^T gq
+    return 0;
+}
+
+}  // extern "C"
+
+// ---- ABP's whole readout in one call each way (abp_core/native_readout.py, when q|k|v is kept): the input
+// projection, the encoder SABs, the PMA keys and the tail above, with every intermediate the backward needs in two
+// caller-owned workspaces (floats and ReLU masks) laid out by ReadoutLayout. Why: at the quickstart's small
+// batches the ~40 PyTorch calls, their dispatch and their allocations cost more than the arithmetic.
+
+namespace {
+
+// dims: N atoms, M molecule slots, C channels, H heads, E encoders, decoders, output width (0: none), input width
+// (0: no input projection, x has C columns), threads.
+struct ReadoutLayout {
+    int64_t N, M, C, H, E, Dd, Cout, Cin, threads;
+    int64_t x0, mask0, qkv, out, h, lse, y, mask, z, mask_z, q, u, a, pooled, att, h1, z1, hs, v, hh, zz;
+    int64_t floats, bytes;
+    explicit ReadoutLayout(const int64_t* d)
+        : N(d[0]), M(d[1]), C(d[2]), H(d[3]), E(d[4]), Dd(d[5]), Cout(d[6]), Cin(d[7]), threads(d[8]) {
+        int64_t f = 0, b = 0;
+        auto take = [](int64_t& at, int64_t size) { int64_t o = at; at += (size + 15) / 16 * 16; return o; };
+        const int64_t NC = N * C, MC = M * C, dec = std::max<int64_t>(Dd, 1);
+        x0 = take(f, Cin ? NC : 0);
+        mask0 = take(b, Cin ? NC : 0);
+        qkv = take(f, E * 3 * NC);  // per encoder e at + e * 3NC (likewise below)
+        out = take(f, E * NC);
+        h = take(f, E * NC);
+        y = take(f, E * NC);
+        lse = take(f, E * N * H);
+        mask = take(b, E * NC);
+        z = take(f, NC);
+        mask_z = take(b, NC);
+        q = take(f, C);
+        u = take(f, H * C);
+        a = take(f, N * H);
+        pooled = take(f, M * H * C);
+        att = take(f, MC);
+        h1 = take(f, MC);
+        z1 = take(f, MC);
+        hs = take(f, (Dd + 1) * MC);
+        v = take(f, dec * MC);
+        hh = take(f, dec * MC);
+        zz = take(f, dec * MC);
+        floats = f;
+        bytes = b;
+    }
+    // index of the PMA's parameters in the parameter table (native_readout.parameters' order)
+    int64_t pma() const { return (Cin ? 2 : 0) + 6 * E; }
+};
+
+// The tail's pointer table (enum Slot) for a readout: its saved tensors in the float workspace.
+std::vector<int64_t> tail_table(const ReadoutLayout& L, const int64_t* params, const int64_t* starts,
+                                const int64_t* sizes, float* ws, float* out) {
+    std::vector<int64_t> t((size_t)(DECODERS + 12 * L.Dd), 0);
+    auto ptr = [](const void* p) { return (int64_t) reinterpret_cast<intptr_t>(p); };
+    const int64_t i = L.pma();
+    t[Z] = ptr(ws + L.z);
+    t[STARTS] = ptr(starts);
+    t[SIZES] = ptr(sizes);
+    const int slots[6] = {W_IN, B_IN, W_O, B_O, W_L, B_L};
+    for (int k = 0; k < 6; ++k) t[slots[k]] = params[i + k];
+    t[SEED] = params[i + 8];
+    const int64_t last = i + 9 + 6 * L.Dd;
+    if (L.Cout) {
+        t[W_OUT] = params[last];
+        t[B_OUT] = params[last + 1];
+    }
+    t[Q] = ptr(ws + L.q);
+    t[U] = ptr(ws + L.u);
+    t[A] = ptr(ws + L.a);
+    t[POOLED] = ptr(ws + L.pooled);
+    t[ATT] = ptr(ws + L.att);
+    t[H1] = ptr(ws + L.h1);
+    t[Z1] = ptr(ws + L.z1);
+    t[HS] = ptr(ws + L.hs);
+    t[V] = ptr(ws + L.v);
+    t[HH] = ptr(ws + L.hh);
+    t[ZZ] = ptr(ws + L.zz);
+    t[OUT] = ptr(out);
+    for (int64_t k = 0; k < 6 * L.Dd; ++k) t[DECODERS + k] = params[i + 9 + k];
+    return t;
+}
+
+inline const float* cptr(const int64_t* table, int64_t k) { return reinterpret_cast<const float*>(table[k]); }
+inline float* mptr(const int64_t* table, int64_t k) { return reinterpret_cast<float*>(table[k]); }
+
+}  // namespace
+
+extern "C" {
+
+// out[0], out[1]: the float and byte workspace sizes of a readout call with these dims.
+void abp_readout_workspace(const int64_t* dims, int64_t* out) {
+    const ReadoutLayout L(dims);
+    out[0] = L.floats;
+    out[1] = L.bytes;
+}
+
+// params: the parameters' data pointers in native_readout.parameters' order; x [N, Cin or C]; starts/sizes: the
+// molecule table (M slots, empty ones allowed); ws/wb: workspaces of abp_readout_workspace's sizes; out [M, Cout
+// or C].
+int abp_readout_forward(const int64_t* dims, const int64_t* params, const float* x, const int64_t* starts,
+                        const int64_t* sizes, float* ws, uint8_t* wb, float* out) {
+    if (!g_sgemm) return 4;
+    const ReadoutLayout L(dims);
+    const int64_t N = L.N, C = L.C, H = L.H, NC = N * C;
+    const int T = (int)L.threads;
+    if (H <= 0 || C % H) return 1;
+    int64_t i = 0;
+    const float* cur = x;
+    if (L.Cin) {
+        float* x0 = ws + L.x0;
+        gemm(false, true, N, C, L.Cin, 1.0f, x, L.Cin, cptr(params, 0), L.Cin, 0.0f, x0, C);
+        abp_relu_residual(x0, cptr(params, 1), nullptr, wb + L.mask0, N, C, T);
+        cur = x0;
+        i = 2;
+    }
+    const float scale = 1.0f / std::sqrt((float)(C / H));
+    for (int64_t e = 0; e < L.E; ++e, i += 6) {
+        float *qkv = ws + L.qkv + e * 3 * NC, *o = ws + L.out + e * NC, *h = ws + L.h + e * NC,
+              *y = ws + L.y + e * NC, *lse = ws + L.lse + e * N * H;
+        gemm(false, true, N, 3 * C, C, 1.0f, cur, C, cptr(params, i), C, 0.0f, qkv, 3 * C);  // bias-free q|k|v
+        Problem P{qkv, cptr(params, i + 1), o, lse, nullptr, nullptr, nullptr, starts, sizes, L.M, C, H, scale};
+        if (int code = launch(P, T, false)) return code;
+        gemm(false, true, N, C, C, 1.0f, o, C, cptr(params, i + 2), C, 0.0f, h, C);
+        abp_add_residual(h, cur, cptr(params, i + 3), N, C, T);
+        gemm(false, true, N, C, C, 1.0f, h, C, cptr(params, i + 4), C, 0.0f, y, C);
+        abp_relu_residual(y, cptr(params, i + 5), h, wb + L.mask + e * NC, N, C, T);
+        cur = y;
+    }
+    float* z = ws + L.z;  // the PMA keys
+    gemm(false, true, N, C, C, 1.0f, cur, C, cptr(params, i + 6), C, 0.0f, z, C);
+    abp_relu_residual(z, cptr(params, i + 7), nullptr, wb + L.mask_z, N, C, T);
+    const std::vector<int64_t> table = tail_table(L, params, starts, sizes, ws, out);
+    const int64_t tdims[7] = {N, L.M, C, H, L.Dd, L.Cout, L.threads};
+    return abp_pma_tail_forward(tdims, table.data());
+}
+
+// Its backward from grad_out [M, Cout or C]: every parameter gradient into grads (same order as params) and, if gx
+// is not null, dL/dx [N, Cin or C]. ws, wb and out as the forward left them.
+int abp_readout_backward(const int64_t* dims, const int64_t* params, const int64_t* grads, const float* x,
+                         const int64_t* starts, const int64_t* sizes, float* ws, const uint8_t* wb, float* out,
+                         const float* grad_out, float* gx) {
+    if (!g_sgemm) return 4;
+    const ReadoutLayout L(dims);
+    const int64_t N = L.N, C = L.C, H = L.H, NC = N * C, pma = L.pma();
+    const int T = (int)L.threads;
+    // scratch kept per thread across calls (no allocation or zero-fill per step): dL/d(block output), two [N, C]
+    // buffers, dL/dq|k|v and a column sum
+    static thread_local std::vector<float> scratch;
+    if ((int64_t)scratch.size() < 6 * NC + C) scratch.resize((size_t)(6 * NC + C));
+    float *g = scratch.data(), *gz = g + NC, *gh = gz + NC, *grad = gh + NC, *sum_gy = grad + 3 * NC;
+    // the tail: PMA, decoders, output projection; dL/dz into g
+    std::vector<int64_t> table = tail_table(L, params, starts, sizes, ws, out);
+    auto ptr = [](const void* p) { return (int64_t) reinterpret_cast<intptr_t>(p); };
+    table[GRAD_OUT] = ptr(grad_out);
+    table[GZ] = ptr(g);
+    const int gslots[6] = {GW_IN, GB_IN, GW_O, GB_O, GW_L, GB_L};
+    for (int k = 0; k < 6; ++k) table[gslots[k]] = grads[pma + k];
+    table[G_SEED] = grads[pma + 8];
+    const int64_t last = pma + 9 + 6 * L.Dd;
+    if (L.Cout) {
+        table[GW_OUT] = grads[last];
+        table[GB_OUT] = grads[last + 1];
+    }
+    for (int64_t k = 0; k < 6 * L.Dd; ++k) table[DECODERS + 6 * L.Dd + k] = grads[pma + 9 + k];
+    const int64_t tdims[7] = {N, L.M, C, H, L.Dd, L.Cout, L.threads};
+    if (int code = abp_pma_tail_backward(tdims, table.data())) return code;
+    // the keys: z = relu(keys_in W_p^T + b_p)
+    const float* keys_in = L.E ? ws + L.y + (L.E - 1) * NC : (L.Cin ? ws + L.x0 : x);
+    abp_relu_backward(g, wb + L.mask_z, gz, mptr(grads, pma + 7), sum_gy, N, C, T);
+    gemm(true, false, C, C, N, 1.0f, gz, C, keys_in, C, 0.0f, mptr(grads, pma + 6), C);
+    gemm(false, false, N, C, C, 1.0f, gz, C, cptr(params, pma + 6), C, 0.0f, g, C);
+    // the encoder SABs, last first; g holds dL/d(block output)
+    const float scale = 1.0f / std::sqrt((float)(C / H));
+    for (int64_t e = L.E - 1; e >= 0; --e) {
+        const int64_t i = (L.Cin ? 2 : 0) + 6 * e;
+        const float *xin = e ? ws + L.y + (e - 1) * NC : (L.Cin ? ws + L.x0 : x), *qkv = ws + L.qkv + e * 3 * NC,
+                    *o = ws + L.out + e * NC, *h = ws + L.h + e * NC, *lse = ws + L.lse + e * N * H;
+        const float *w_in = cptr(params, i), *w_o = cptr(params, i + 2), *w_l = cptr(params, i + 4);
+        float *gw_in = mptr(grads, i), *gb_in = mptr(grads, i + 1), *gw_o = mptr(grads, i + 2),
+              *gb_o = mptr(grads, i + 3), *gw_l = mptr(grads, i + 4), *gb_l = mptr(grads, i + 5);
+        abp_relu_backward(g, wb + L.mask + e * NC, gz, gb_l, sum_gy, N, C, T);
+        for (int64_t c = 0; c < C; ++c) gb_o[c] = sum_gy[c];  // column sums of gh = gy + gz W_l
+        for (int64_t r = 0; r < C; ++r)
+            for (int64_t c = 0; c < C; ++c) gb_o[c] += gb_l[r] * w_l[r * C + c];
+        gemm(true, false, C, C, N, 1.0f, gz, C, h, C, 0.0f, gw_l, C);
+        std::memcpy(gh, g, sizeof(float) * NC);
+        gemm(false, false, N, C, C, 1.0f, gz, C, w_l, C, 1.0f, gh, C);  // dL/dh
+        gemm(true, false, C, C, N, 1.0f, gh, C, o, C, 0.0f, gw_o, C);
+        gemm(false, false, N, C, C, 1.0f, gh, C, w_o, C, 0.0f, gz, C);  // dL/d(attention output)
+        Problem P{qkv, cptr(params, i + 1), const_cast<float*>(o), const_cast<float*>(lse), gz, grad,
+                  gb_in, starts, sizes, L.M, C, H, scale};
+        if (int code = launch(P, T, true)) return code;
+        gemm(true, false, 3 * C, C, N, 1.0f, grad, 3 * C, xin, C, 0.0f, gw_in, C);
+        gemm(false, false, N, C, 3 * C, 1.0f, grad, 3 * C, w_in, C, 1.0f, gh, C);  // + residual
+        std::swap(g, gh);
+    }
+    if (L.Cin) {  // x0 = relu(x W_0^T + b_0)
+        abp_relu_backward(g, wb + L.mask0, gz, mptr(grads, 1), sum_gy, N, C, T);
+        gemm(true, false, C, L.Cin, N, 1.0f, gz, C, x, L.Cin, 0.0f, mptr(grads, 0), L.Cin);
+        if (gx) gemm(false, false, N, L.Cin, C, 1.0f, gz, C, cptr(params, 0), L.Cin, 0.0f, gx, L.Cin);
+    } else if (gx) {
+        std::memcpy(gx, g, sizeof(float) * NC);
+    }
     return 0;
 }
 
