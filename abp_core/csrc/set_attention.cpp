@@ -372,10 +372,203 @@ inline void scatter(const float* dense, int64_t n, int64_t heads, float* dst, in
             }
 }
 
+// log(1 + t) for t in [0, 1]: 2 atanh(s) with s = t / (2 + t) in [0, 1/3], the series to s^17
+// (truncation error < 3e-9 relative).
+inline v16 log1p16(v16 t) {
+    const v16 s = t / (splat(2.0f) + t), s2 = s * s;
+    v16 p = splat(1.0f / 17.0f);
+    p = p * s2 + splat(1.0f / 15.0f);
+    p = p * s2 + splat(1.0f / 13.0f);
+    p = p * s2 + splat(1.0f / 11.0f);
+    p = p * s2 + splat(1.0f / 9.0f);
+    p = p * s2 + splat(1.0f / 7.0f);
+    p = p * s2 + splat(1.0f / 5.0f);
+    p = p * s2 + splat(1.0f / 3.0f);
+    p = p * s2 + splat(1.0f);
+    return splat(2.0f) * s * p;
+}
+
+// log(x) for x >= 1 (a softmax's sum of exponentials, whose largest term is exp(0) = 1): x = 2^e m with m in
+// [1, 2), log x = e ln 2 + log1p(m - 1).
+inline v16 log16(v16 x) {
+#if defined(__AVX512F__)
+    const __m512 e = _mm512_getexp_ps((__m512)x), m = _mm512_getmant_ps((__m512)x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+    return (v16)e * splat(0.693147180559945309f) + log1p16((v16)m - splat(1.0f));
+#else
+    v16 r;
+    for (int i = 0; i < 16; ++i) r[i] = std::log(x[i]);
+    return r;
+#endif
+}
+
+// ---- small molecules (head dimension 16, at most 32 atoms: QM7b, QM8, QM9, MD17), queries in vector lanes ----
+// A head's 16 query rows of a tile are transposed into 16 registers (lane i = query i), so each key's scores, the
+// row maxima, the exponentials, the sums and the log-sum-exps are plain vector operations: no horizontal
+// reduction per query row and no padded key tiles (the general kernel above spent most of its time on those at
+// ~16 keys per molecule).
+constexpr int64_t SMALL = 32;
+
+// s[j] (lanes: the tile's queries) = sum_t qt[t] * rows[j, t] for j < n (rows: n x 16, padded with zero rows to
+// a multiple of 4), four keys per pass so that the FMAs form four independent chains.
+inline void lane_scores(const v16* qt, const float* __restrict rows, int64_t n, v16* s) {
+    for (int64_t j = 0; j < n; j += 4) {
+        v16 a0{}, a1{}, a2{}, a3{};
+        const float* r = rows + j * 16;
+        for (int t = 0; t < 16; ++t) {
+            a0 += qt[t] * splat(r[t]);
+            a1 += qt[t] * splat(r[16 + t]);
+            a2 += qt[t] * splat(r[32 + t]);
+            a3 += qt[t] * splat(r[48 + t]);
+        }
+        s[j] = a0;
+        s[j + 1] = a1;
+        s[j + 2] = a2;
+        s[j + 3] = a3;
+    }
+}
+
+// o[t] (lanes: queries) = sum_j w[j] * rows[j, t]: 16 independent accumulators.
+inline void lane_weighted(const v16* w, const float* __restrict rows, int64_t n, v16* o) {
+    for (int t = 0; t < 16; ++t) o[t] = v16{};
+    for (int64_t j = 0; j < n; ++j)
+        for (int t = 0; t < 16; ++t) o[t] += w[j] * splat(rows[j * 16 + t]);
+}
+
+// n rows of one head (16 columns at src, row stride ld) plus bias (16 values or nullptr), times mul, into dense
+// n x 16 rows, zero rows up to a multiple of 4.
+inline void head_rows(const float* src, int64_t ld, const float* bias, float mul, int64_t n, float* dst) {
+    const v16 b = bias ? load16(bias) : v16{};
+    for (int64_t j = 0; j < n; ++j) store16(dst + j * 16, (load16(src + j * ld) + b) * splat(mul));
+    for (int64_t j = n; j < (n + 3) / 4 * 4; ++j) store16(dst + j * 16, v16{});
+}
+
+// Rows i0 .. i0 + rows - 1 of dense 16-wide rows, transposed into r (lane ii = row i0 + ii; zero past rows).
+inline void lanes_of(const float* dense, int64_t i0, int64_t rows, v16* r) {
+    for (int ii = 0; ii < 16; ++ii) r[ii] = ii < rows ? load16(dense + (i0 + ii) * 16) : v16{};
+    transpose16(r);
+}
+
+void forward_small(const Problem& P, int64_t m) {
+    const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels, H = P.heads, ld = 3 * C;
+    const float* base = P.qkv + r0 * ld;
+    const float* b = P.bias;
+    alignas(64) float q[SMALL * 16], k[SMALL * 16], v[SMALL * 16];
+    for (int64_t h = 0; h < H; ++h) {
+        const int64_t c = h * 16;
+        head_rows(base + c, ld, b ? b + c : nullptr, P.scale, n, q);
+        head_rows(base + C + c, ld, b ? b + C + c : nullptr, 1.0f, n, k);
+        head_rows(base + 2 * C + c, ld, b ? b + 2 * C + c : nullptr, 1.0f, n, v);
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int64_t rows = std::min<int64_t>(16, n - i0);
+            v16 qt[16], s[SMALL], o[16];
+            lanes_of(q, i0, rows, qt);
+            lane_scores(qt, k, n, s);
+            v16 mx = s[0], l{};
+            for (int64_t j = 1; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+            for (int64_t j = 0; j < n; ++j) {
+                s[j] = exp16(s[j] - mx);
+                l += s[j];
+            }
+            lane_weighted(s, v, n, o);
+            const v16 inv = splat(1.0f) / l, lse = mx + log16(l);
+            for (int t = 0; t < 16; ++t) o[t] *= inv;
+            transpose16(o);  // o[ii] = output row i0 + ii
+            for (int64_t ii = 0; ii < rows; ++ii) {
+                store16(P.out + (r0 + i0 + ii) * C + c, o[ii]);
+                P.lse[(r0 + i0 + ii) * H + h] = lse[ii];
+            }
+        }
+    }
+}
+
+// dv[j] += sum_i p[j][i] go_i and dk[j] += sum_i ds[j][i] q_i (q scaled) over the tile's `rows` queries (rows of
+// go and q dense, 16 wide, from i0; dv, dk padded to a multiple of 4 rows): four keys per pass, eight independent
+// chains.
+inline void lane_kv(const v16* p, const v16* ds, const float* go, const float* q, int64_t i0, int64_t rows, int64_t n,
+                    float* dv, float* dk) {
+    const int64_t n4 = (n + 3) / 4 * 4;
+    alignas(64) float pm[SMALL * 16], dm[SMALL * 16];
+    for (int64_t j = 0; j < n4; ++j) {
+        store16(pm + j * 16, j < n ? p[j] : v16{});
+        store16(dm + j * 16, j < n ? ds[j] : v16{});
+    }
+    for (int64_t j = 0; j < n4; j += 4) {
+        v16 a[4], c[4];
+        for (int u = 0; u < 4; ++u) {
+            a[u] = load16(dv + (j + u) * 16);
+            c[u] = load16(dk + (j + u) * 16);
+        }
+        for (int64_t ii = 0; ii < rows; ++ii) {
+            const v16 g = load16(go + (i0 + ii) * 16), x = load16(q + (i0 + ii) * 16);
+            for (int u = 0; u < 4; ++u) {
+                a[u] += splat(pm[(j + u) * 16 + ii]) * g;
+                c[u] += splat(dm[(j + u) * 16 + ii]) * x;
+            }
+        }
+        for (int u = 0; u < 4; ++u) {
+            store16(dv + (j + u) * 16, a[u]);
+            store16(dk + (j + u) * 16, c[u]);
+        }
+    }
+}
+
+void backward_small(const Problem& P, int64_t m, float* colsum) {
+    const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels, H = P.heads, ld = 3 * C;
+    const float* base = P.qkv + r0 * ld;
+    const float* b = P.bias;
+    float* g = P.grad + r0 * ld;
+    alignas(64) float q[SMALL * 16], k[SMALL * 16], v[SMALL * 16], go[SMALL * 16], dk[SMALL * 16], dv[SMALL * 16];
+    for (int64_t h = 0; h < H; ++h) {
+        const int64_t c = h * 16;
+        // everything of this head is read before any of its gradient is written (grad may be qkv)
+        head_rows(base + c, ld, b ? b + c : nullptr, P.scale, n, q);
+        head_rows(base + C + c, ld, b ? b + C + c : nullptr, 1.0f, n, k);
+        head_rows(base + 2 * C + c, ld, b ? b + 2 * C + c : nullptr, 1.0f, n, v);
+        head_rows(P.dout + r0 * C + c, C, nullptr, 1.0f, n, go);
+        std::fill(dk, dk + (n + 3) / 4 * 64, 0.0f);
+        std::fill(dv, dv + (n + 3) / 4 * 64, 0.0f);
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int64_t rows = std::min<int64_t>(16, n - i0);
+            v16 qt[16], gt[16], p[SMALL], dp[SMALL];
+            lanes_of(q, i0, rows, qt);
+            lanes_of(go, i0, rows, gt);
+            alignas(64) float lse_rows[16] = {};
+            for (int64_t ii = 0; ii < rows; ++ii) lse_rows[ii] = P.lse[(r0 + i0 + ii) * H + h];
+            const v16 lse = load16(lse_rows);
+            lane_scores(qt, k, n, p);
+            lane_scores(gt, v, n, dp);  // dP = dO V^T
+            v16 delta{};  // rowsum(dO * O) = sum_j P_ij dP_ij
+            for (int64_t j = 0; j < n; ++j) {
+                p[j] = exp16(p[j] - lse);
+                delta += p[j] * dp[j];
+            }
+            for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);  // dS
+            v16 dq[16];
+            lane_weighted(dp, k, n, dq);  // dQ = dS K scale
+            transpose16(dq);
+            for (int64_t ii = 0; ii < rows; ++ii) {
+                const v16 row = dq[ii] * splat(P.scale);
+                store16(g + (i0 + ii) * ld + c, row);
+                if (colsum) store16(colsum + c, load16(colsum + c) + row);
+            }
+            lane_kv(p, dp, go, q, i0, rows, n, dv, dk);  // dV += P^T dO, dK += dS^T (q scale)
+        }
+        for (int64_t j = 0; j < n; ++j) {
+            store16(g + j * ld + C + c, load16(dk + j * 16));
+            store16(g + j * ld + 2 * C + c, load16(dv + j * 16));
+            if (colsum) {
+                store16(colsum + C + c, load16(colsum + C + c) + load16(dk + j * 16));
+                store16(colsum + 2 * C + c, load16(colsum + 2 * C + c) + load16(dv + j * 16));
+            }
+        }
+    }
+}
+
 // A task is one molecule, all heads: every strided row of qkv, out, dO and grad is read or written
 // once, in a row-order pass (a per-head pass would touch one cache line per row per head).
 template <int D>
 void forward_task(const Problem& P, int64_t m, Scratch& S) {
+    if (D == 16 && P.sizes[m] <= SMALL) return forward_small(P, m);
     const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels, H = P.heads, ld = 3 * C, np = (n + 15) / 16 * 16;
     S.reserve(n, C);
     const float* base = P.qkv + r0 * ld;
@@ -394,6 +587,7 @@ void forward_task(const Problem& P, int64_t m, Scratch& S) {
 
 template <int D>
 void backward_task(const Problem& P, int64_t m, Scratch& S) {
+    if (D == 16 && P.sizes[m] <= SMALL) return backward_small(P, m, P.colsum ? S.colsum.data() : nullptr);
     const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels, H = P.heads, ld = 3 * C, np = (n + 15) / 16 * 16;
     S.reserve(n, C);
     const float* base = P.qkv + r0 * ld;
@@ -465,22 +659,6 @@ int launch(const Problem& P, int threads, bool backward) {
         case 64: return dispatch<64>(P, threads, backward);
         default: return 2;
     }
-}
-
-// log(1 + t) for t in [0, 1]: 2 atanh(s) with s = t / (2 + t) in [0, 1/3], the series to s^17
-// (truncation error < 3e-9 relative).
-inline v16 log1p16(v16 t) {
-    const v16 s = t / (splat(2.0f) + t), s2 = s * s;
-    v16 p = splat(1.0f / 17.0f);
-    p = p * s2 + splat(1.0f / 15.0f);
-    p = p * s2 + splat(1.0f / 13.0f);
-    p = p * s2 + splat(1.0f / 11.0f);
-    p = p * s2 + splat(1.0f / 9.0f);
-    p = p * s2 + splat(1.0f / 7.0f);
-    p = p * s2 + splat(1.0f / 5.0f);
-    p = p * s2 + splat(1.0f / 3.0f);
-    p = p * s2 + splat(1.0f);
-    return splat(2.0f) * s * p;
 }
 
 // Threads for an element-wise pass over `rows` rows: at most one per 256 rows.
