@@ -31,6 +31,13 @@ The math (``C`` channels, ``H`` heads of ``d = C / H``, molecule ``m``'s atoms `
 ``q|k|v`` is kept for the backward when the batch is small and recomputed when it is large (the
 readout's ``recompute``; see :class:`~abp_core.readouts.AttentionPooling`). :func:`disabled` switches
 this path off so that the module path runs (tests, benchmarks).
+
+When ``q|k|v`` is kept (every batch below :data:`KEEP_QKV_BYTES`) and the BLAS is found, the whole readout is one
+native call each way (:class:`_WholeReadout`; csrc's ``abp_readout_forward`` / ``abp_readout_backward``): the
+same steps in the same order, every intermediate the backward needs in two workspaces the call allocates (floats
+and ReLU masks), the parameter gradients as views of one buffer. That removes the ~40 PyTorch calls per step left
+around the native kernels above, their dispatch and their allocations (``benchmarks/README.md``, third pass).
+:func:`stepwise` keeps the per-layer node (tests; the recomputing layout always runs it).
 """
 from __future__ import annotations
 

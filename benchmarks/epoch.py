@@ -16,7 +16,10 @@ Timing: in each round every readout trains one fresh run of ``--epochs-per-run``
 sum, WA, ABP, sum, WA, ABP, ...), so that load from other processes hits all alike; the first epoch of
 the first round is a warm-up and not counted. The table shows the median epoch time per readout and
 its ratio to sum's, with the train steps per epoch, and the same for the process's CPU time per epoch
-(with one thread the contention-robust cross-check: other processes' load inflates wall times, not it).
+(with one thread the contention-robust cross-check: other processes' load inflates wall times, not it),
+and a paired CPU ratio: the median over epochs of each epoch's CPU time over the sum epoch of the same round
+and index, which a host whose speed drifts between rounds (a shared VM) distorts less than the ratio of
+medians. Where even that scatters, the phase profile below (interleaved step by step) is the steadier figure.
 
 ``--baseline DIR`` adds sum and ABP with an older copy of the package (``DIR/abp_core``, imported as
 ``abp_core_baseline``) to the same interleaved rounds: the before/after comparison of a change, side by side.

@@ -52,7 +52,9 @@ def dense_reference(qkv, blocks, heads, grad_out):
     return out.detach(), q64.grad
 
 
-SIZES = [[1], [1, 2, 2, 15, 16, 17, 17, 33], [5, 40, 3, 120, 64, 9, 1, 77], [300, 2]]
+# head dimension 16 and <= 32 atoms run the queries-in-lanes kernel (one or two 16-query tiles, keys in fours),
+# larger molecules or head dimensions the tiled one; both in one call here
+SIZES = [[1], [1, 2, 2, 15, 16, 17, 17, 33], [3, 31, 32, 4, 29, 5, 32], [5, 40, 3, 120, 64, 9, 1, 77], [300, 2]]
 
 
 @pytest.mark.parametrize("sizes", SIZES)
