@@ -1298,23 +1298,31 @@ struct ReadoutLayout {
     int64_t pma() const { return (Cin ? 2 : 0) + 6 * E; }
 };
 
+// The PMA's, the seed's, the output projection's and the decoders' entries of a tail table (enum Slot) from a
+// pointer array in native_readout.parameters' order: the parameters, or (grads) their gradients.
+void tail_slots(std::vector<int64_t>& t, const ReadoutLayout& L, const int64_t* src, bool grads) {
+    const int64_t i = L.pma(), last = i + 9 + 6 * L.Dd;
+    static const int plain[9] = {W_IN, B_IN, W_O, B_O, W_L, B_L, SEED, W_OUT, B_OUT};
+    static const int grad[9] = {GW_IN, GB_IN, GW_O, GB_O, GW_L, GB_L, G_SEED, GW_OUT, GB_OUT};
+    const int* slot = grads ? grad : plain;
+    for (int k = 0; k < 6; ++k) t[slot[k]] = src[i + k];
+    t[slot[6]] = src[i + 8];
+    if (L.Cout) {
+        t[slot[7]] = src[last];
+        t[slot[8]] = src[last + 1];
+    }
+    for (int64_t k = 0; k < 6 * L.Dd; ++k) t[DECODERS + (grads ? 6 * L.Dd : 0) + k] = src[i + 9 + k];
+}
+
 // The tail's pointer table (enum Slot) for a readout: its saved tensors in the float workspace.
 std::vector<int64_t> tail_table(const ReadoutLayout& L, const int64_t* params, const int64_t* starts,
                                 const int64_t* sizes, float* ws, float* out) {
     std::vector<int64_t> t((size_t)(DECODERS + 12 * L.Dd), 0);
     auto ptr = [](const void* p) { return (int64_t) reinterpret_cast<intptr_t>(p); };
-    const int64_t i = L.pma();
     t[Z] = ptr(ws + L.z);
     t[STARTS] = ptr(starts);
     t[SIZES] = ptr(sizes);
-    const int slots[6] = {W_IN, B_IN, W_O, B_O, W_L, B_L};
-    for (int k = 0; k < 6; ++k) t[slots[k]] = params[i + k];
-    t[SEED] = params[i + 8];
-    const int64_t last = i + 9 + 6 * L.Dd;
-    if (L.Cout) {
-        t[W_OUT] = params[last];
-        t[B_OUT] = params[last + 1];
-    }
+    tail_slots(t, L, params, false);
     t[Q] = ptr(ws + L.q);
     t[U] = ptr(ws + L.u);
     t[A] = ptr(ws + L.a);
@@ -1327,7 +1335,6 @@ std::vector<int64_t> tail_table(const ReadoutLayout& L, const int64_t* params, c
     t[HH] = ptr(ws + L.hh);
     t[ZZ] = ptr(ws + L.zz);
     t[OUT] = ptr(out);
-    for (int64_t k = 0; k < 6 * L.Dd; ++k) t[DECODERS + k] = params[i + 9 + k];
     return t;
 }
 
@@ -1404,15 +1411,7 @@ int abp_readout_backward(const int64_t* dims, const int64_t* params, const int64
     auto ptr = [](const void* p) { return (int64_t) reinterpret_cast<intptr_t>(p); };
     table[GRAD_OUT] = ptr(grad_out);
     table[GZ] = ptr(g);
-    const int gslots[6] = {GW_IN, GB_IN, GW_O, GB_O, GW_L, GB_L};
-    for (int k = 0; k < 6; ++k) table[gslots[k]] = grads[pma + k];
-    table[G_SEED] = grads[pma + 8];
-    const int64_t last = pma + 9 + 6 * L.Dd;
-    if (L.Cout) {
-        table[GW_OUT] = grads[last];
-        table[GB_OUT] = grads[last + 1];
-    }
-    for (int64_t k = 0; k < 6 * L.Dd; ++k) table[DECODERS + 6 * L.Dd + k] = grads[pma + 9 + k];
+    tail_slots(table, L, grads, true);
     const int64_t tdims[7] = {N, L.M, C, H, L.Dd, L.Cout, L.threads};
     if (int code = abp_pma_tail_backward(tdims, table.data())) return code;
     // the keys: z = relu(keys_in W_p^T + b_p)
