@@ -269,14 +269,16 @@ class _AttentionPooling(torch.autograd.Function):
     def forward(ctx, x: Tensor, plan: _Plan, *ps: Tensor) -> Tensor:
         saved: dict = {}
         out = _forward(plan, x, list(ps), saved)
+        if "tail" in saved:  # the native tail's backward reads the output (through its pointer table)
+            del saved["tail"]["out"]
         ctx.plan, ctx.saved = plan, saved
-        ctx.save_for_backward(x, *ps)
+        ctx.save_for_backward(x, out, *ps)  # the output as a saved tensor: as an attribute it would form a cycle
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, *ps = ctx.saved_tensors
+        x, _, *ps = ctx.saved_tensors  # the output: kept alive and checked for in-place changes
         grads = _backward(ctx.plan, ctx.saved, x, ps, grad.contiguous(), ctx.needs_input_grad[0])
         ctx.saved = None
         return (grads[0], None, *grads[1:])
@@ -511,7 +513,7 @@ def _whole_forward(plan: _WholePlan, x: Tensor, ps: List[Tensor]):
     table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
     _check(lib.abp_readout_forward(dims, table, x.data_ptr(), plan.starts.data_ptr(), plan.sizes.data_ptr(),
                                    ws.data_ptr(), wb.data_ptr(), out.data_ptr()), "readout forward")
-    return out, (dims, ws, wb, out)
+    return out, (dims, ws, wb)
 
 
 class _WholeReadout(torch.autograd.Function):
@@ -519,16 +521,16 @@ class _WholeReadout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, plan: _WholePlan, *ps: Tensor) -> Tensor:
-        out, ctx.state = _whole_forward(plan, x, list(ps))
-        ctx.plan = plan
-        ctx.save_for_backward(x, *ps)
+        out, state = _whole_forward(plan, x, list(ps))
+        ctx.plan, ctx.state = plan, state
+        ctx.save_for_backward(x, out, *ps)  # the output as a saved tensor: as an attribute it would form a cycle
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, *ps = ctx.saved_tensors
-        plan, (dims, ws, wb, out) = ctx.plan, ctx.state
+        x, out, *ps = ctx.saved_tensors
+        plan, (dims, ws, wb) = ctx.plan, ctx.state
         grad = grad.contiguous()
         # all parameter gradients in one allocation, each a contiguous view with its parameter's shape
         flat = x.new_empty(sum(p.numel() for p in ps))

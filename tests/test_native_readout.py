@@ -117,6 +117,29 @@ def test_which_native_calls_run(monkeypatch):
     assert calls == (["abp_pma_tail_forward"] if kernels.has_blas() else [])
 
 
+@pytest.mark.parametrize("path", ["whole", "stepwise"])
+def test_no_reference_cycle_and_the_output_is_guarded(path):
+    import gc
+    import weakref
+
+    readout = AttentionPooling(64, heads=4)
+    x, batch = torch.randn(8, 64, requires_grad=True), _batch([3, 5])
+    with native_readout.stepwise() if path == "stepwise" else contextlib.nullcontext():
+        out = readout(x, batch)
+        assert type(out.grad_fn).__name__ in OURS
+        ref = weakref.ref(out)
+        gc.disable()
+        try:
+            del out  # no backward: without a cycle, the graph and its workspaces go with the output
+            assert ref() is None
+        finally:
+            gc.enable()
+        out = readout(x, batch)
+        out.add_(1.0)  # the backward needs the output as computed
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 def test_whole_readout_checks_the_feature_width():
     readout = AttentionPooling(64, heads=4, input_projection=False)
     with pytest.raises(ValueError, match="feature width"):
