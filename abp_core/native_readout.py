@@ -533,8 +533,8 @@ class _WholeReadout(torch.autograd.Function):
         plan, (dims, ws, wb) = ctx.plan, ctx.state
         grad = grad.contiguous()
         # all parameter gradients in one allocation, each a contiguous view with its parameter's shape
-        flat = x.new_empty(sum(p.numel() for p in ps))
-        grads = [g.view(p.shape) for g, p in zip(flat.split([p.numel() for p in ps]), ps)]
+        numels = [p.numel() for p in ps]
+        grads = [g.view(p.shape) for g, p in zip(x.new_empty(sum(numels)).split(numels), ps)]
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
         gtable = (ctypes.c_int64 * len(ps))(*[g.data_ptr() for g in grads])

@@ -1314,27 +1314,29 @@ void tail_slots(std::vector<int64_t>& t, const ReadoutLayout& L, const int64_t* 
     for (int64_t k = 0; k < 6 * L.Dd; ++k) t[DECODERS + (grads ? 6 * L.Dd : 0) + k] = src[i + 9 + k];
 }
 
+// A pointer as a tail-table entry.
+inline int64_t address(const void* p) { return (int64_t) reinterpret_cast<intptr_t>(p); }
+
 // The tail's pointer table (enum Slot) for a readout: its saved tensors in the float workspace.
 std::vector<int64_t> tail_table(const ReadoutLayout& L, const int64_t* params, const int64_t* starts,
                                 const int64_t* sizes, float* ws, float* out) {
     std::vector<int64_t> t((size_t)(DECODERS + 12 * L.Dd), 0);
-    auto ptr = [](const void* p) { return (int64_t) reinterpret_cast<intptr_t>(p); };
-    t[Z] = ptr(ws + L.z);
-    t[STARTS] = ptr(starts);
-    t[SIZES] = ptr(sizes);
+    t[Z] = address(ws + L.z);
+    t[STARTS] = address(starts);
+    t[SIZES] = address(sizes);
     tail_slots(t, L, params, false);
-    t[Q] = ptr(ws + L.q);
-    t[U] = ptr(ws + L.u);
-    t[A] = ptr(ws + L.a);
-    t[POOLED] = ptr(ws + L.pooled);
-    t[ATT] = ptr(ws + L.att);
-    t[H1] = ptr(ws + L.h1);
-    t[Z1] = ptr(ws + L.z1);
-    t[HS] = ptr(ws + L.hs);
-    t[V] = ptr(ws + L.v);
-    t[HH] = ptr(ws + L.hh);
-    t[ZZ] = ptr(ws + L.zz);
-    t[OUT] = ptr(out);
+    t[Q] = address(ws + L.q);
+    t[U] = address(ws + L.u);
+    t[A] = address(ws + L.a);
+    t[POOLED] = address(ws + L.pooled);
+    t[ATT] = address(ws + L.att);
+    t[H1] = address(ws + L.h1);
+    t[Z1] = address(ws + L.z1);
+    t[HS] = address(ws + L.hs);
+    t[V] = address(ws + L.v);
+    t[HH] = address(ws + L.hh);
+    t[ZZ] = address(ws + L.zz);
+    t[OUT] = address(out);
     return t;
 }
 
@@ -1408,9 +1410,8 @@ int abp_readout_backward(const int64_t* dims, const int64_t* params, const int64
     float *g = scratch.data(), *gz = g + NC, *gh = gz + NC, *grad = gh + NC, *sum_gy = grad + 3 * NC;
     // the tail: PMA, decoders, output projection; dL/dz into g
     std::vector<int64_t> table = tail_table(L, params, starts, sizes, ws, out);
-    auto ptr = [](const void* p) { return (int64_t) reinterpret_cast<intptr_t>(p); };
-    table[GRAD_OUT] = ptr(grad_out);
-    table[GZ] = ptr(g);
+    table[GRAD_OUT] = address(grad_out);
+    table[GZ] = address(g);
     tail_slots(table, L, grads, true);
     const int64_t tdims[7] = {N, L.M, C, H, L.Dd, L.Cout, L.threads};
     if (int code = abp_pma_tail_backward(tdims, table.data())) return code;
