@@ -41,7 +41,9 @@ and if ``last.ckpt`` holds the very weights that produced it, the previous ``las
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import json
 import logging
 import math
@@ -1019,6 +1021,26 @@ def _build_trainer(cfg: Config, run_dir: Path, callbacks: Sequence[Callback], hi
     )
 
 
+@contextlib.contextmanager
+def _long_lived_objects_frozen():
+    """Freeze the objects that exist now into the garbage collector's permanent generation for the block.
+
+    Why: after importing torch and Lightning a process holds ~450,000 tracked objects, and each of Python's full
+    (generation 2) collections walks all of them: ~0.3 s of one core, triggered every few thousand training
+    steps by the allocations of the loop, i.e. ~3 % of a 10 s quickstart run. Frozen objects are not walked (they
+    are not freed either until :func:`gc.unfreeze`, which runs on exit). Nothing happens if the caller already
+    froze objects (their choice is kept).
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _rank() -> int:
     for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
         if os.environ.get(key):
@@ -1095,7 +1117,7 @@ def run_training(config: Union[Config, Dict[str, Any]], *, dataset=None, transfo
             print(f"abp: resuming {run_dir} from {ckpt_path.name} (epoch {resumed_from['epoch']}, "
                   f"global step {resumed_from['global_step']}): {why}", file=sys.stderr, flush=True)
     del ck  # Lightning reads the file again; do not hold a second copy of the weights
-    with warnings.catch_warnings(), forward_sigusr1(preemption):
+    with warnings.catch_warnings(), forward_sigusr1(preemption), _long_lived_objects_frozen():
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
         try:

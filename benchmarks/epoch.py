@@ -13,13 +13,16 @@ validation). Two configurations:
   about 10 minutes on one core; the per-step costs do not depend on the number of molecules).
 
 Timing: in each round every readout trains one fresh run of ``--epochs-per-run`` epochs (interleaved:
-sum, WA, ABP, sum, WA, ABP, ...), so that load from other processes hits all alike; the first epoch of
+sum, WA, ABP, ABP, WA, sum, ...), so that load from other processes hits all alike; the first epoch of
 the first round is a warm-up and not counted. The table shows the median epoch time per readout and
 its ratio to sum's, with the train steps per epoch, and the same for the process's CPU time per epoch
 (with one thread the contention-robust cross-check: other processes' load inflates wall times, not it),
 and a paired CPU ratio: the median over epochs of each epoch's CPU time over the sum epoch of the same round
 and index, which a host whose speed drifts between rounds (a shared VM) distorts less than the ratio of
-medians. Where even that scatters, the phase profile below (interleaved step by step) is the steadier figure.
+medians, with its quartiles (the noise band: a goal is met only if it holds over the band, not just at the
+median). Odd rounds run the variants in reverse order (A B, B A, ...), so that a drift over the run does not
+favour the variant that runs first. Where even that scatters, the phase profile below (interleaved step by step)
+is the steadier figure.
 
 ``--baseline DIR`` adds sum and ABP with an older copy of the package (``DIR/abp_core``, imported as
 ``abp_core_baseline``) to the same interleaved rounds: the before/after comparison of a change, side by side.
@@ -112,6 +115,14 @@ def make_config(spec: dict, readout: str, max_epochs: int, output_dir: str, devi
     })
 
 
+def quartiles(values: List[float]) -> tuple:
+    """First and third quartiles (linear interpolation): the spread of the paired ratios, i.e. the noise band."""
+    import numpy as np
+
+    q1, q3 = np.percentile(np.asarray(values, dtype=float), [25, 75])
+    return float(q1), float(q3)
+
+
 def load_dataset(spec: dict, cache: dict):
     from abp_core.data import get_dataset
 
@@ -158,7 +169,9 @@ def epoch_times(spec: dict, dataset, args, device) -> Dict[str, Dict[str, List[f
     steps = {}
     try:
         for rnd in range(args.rounds):
-            for label, ro, package in variants(args):
+            # A B B A: odd rounds run the variants in reverse, so that a host speeding up or slowing down over
+            # the run does not favour whichever variant always comes first in a round
+            for label, ro, package in (variants(args) if rnd % 2 == 0 else variants(args)[::-1]):
                 out = root / f"{label}-{rnd}"
                 clock = _cpu_clock()
                 run_training = importlib.import_module(f"{package}.train").run_training
@@ -367,13 +380,14 @@ def main(argv=None) -> int:
             t, c = median(wall), median(cpu)
             # each epoch over the sum epoch of the same round and index (run seconds apart): robust to the
             # machine's speed drifting between rounds (a shared host), where the ratio of medians is not
-            paired = median([a / b for a, b in zip(cpu, times["sum" + suffix]["cpu"])])
+            ratios = [a / b for a, b in zip(cpu, times["sum" + suffix]["cpu"])]
+            paired, (q1, q3) = median(ratios), quartiles(ratios)
             rows.append([name, ro, f"{t:.2f}", f"{min(wall):.2f}", f"{max(wall):.2f}", len(wall),
                          f"{t / steps * 1e3:.1f}", f"{t / base['wall']:.3f}x", f"{c:.2f}",
-                         f"{c / base['cpu']:.3f}x", f"{paired:.3f}x"])
+                         f"{c / base['cpu']:.3f}x", f"{paired:.3f}x", f"{q1:.3f}-{q3:.3f}"])
             if readout != "sum":
                 summary.append(f"{name} {ro} {t / base['wall']:.3f}x (CPU time {c / base['cpu']:.3f}x, "
-                               f"paired {paired:.3f}x)")
+                               f"paired {paired:.3f}x, quartiles {q1:.3f}-{q3:.3f})")
         if args.baseline:
             for ro in ("sum", "abp"):
                 if ro in args.readouts:
@@ -386,7 +400,7 @@ def main(argv=None) -> int:
               f"batch {spec['batch']}, ABP {spec['abp'] or 'defaults'}; {steps} train steps per epoch; "
               f"{args.rounds} round(s) x {args.epochs_per_run} epochs ({time.perf_counter() - t0:.0f} s)")
         print(fmt_table(["config", "readout", "median epoch s", "min s", "max s", "epochs", "ms / train step",
-                         "vs sum", "median CPU s", "CPU vs sum", "CPU vs sum, paired"], rows))
+                         "vs sum", "median CPU s", "CPU vs sum", "CPU vs sum, paired", "paired: quartiles"], rows))
         if args.no_profile or "abp" not in args.readouts:
             continue
         phases, batches, tasks = phase_profile(spec, dataset, args, device, profile_batches)

@@ -83,3 +83,34 @@ def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):
             del sys.modules[name]
     out = capsys.readouterr().out
     assert "abp@baseline" in out and "quick abp epoch now / baseline" in out.splitlines()[-1]
+
+
+def test_epoch_rounds_alternate_the_order_and_pair_epochs_within_a_round(bench, monkeypatch):
+    """A B, B A, A B: a host that speeds up over the run must not favour the variant that always runs first; the
+    paired ratios divide epochs of the same round and index."""
+    import argparse
+    import types
+
+    epoch = bench("epoch")
+    order, speed = [], iter(range(1, 100))
+
+    def fake_run_training(cfg, dataset=None, callbacks=()):
+        order.append(cfg.model.readout)
+        run_dir = Path(cfg.trainer.output_dir)
+        run_dir.mkdir(parents=True)
+        t = next(speed) * (1.5 if cfg.model.readout == "abp" else 1.0)  # each run slower than the one before
+        (run_dir / "history.csv").write_text(f"epoch,epoch_time_s,global_step\n0,{t},10\n1,{t},20\n")
+        callbacks[0].times.extend([t, t])
+        return types.SimpleNamespace(run_dir=run_dir)
+
+    monkeypatch.setattr("abp_core.train.run_training", fake_run_training)
+    args = argparse.Namespace(quick=True, rounds=4, readouts=["sum", "abp"], baseline=None, epochs_per_run=2)
+    spec = epoch.configs(args)["quick"]
+    times, steps = epoch.epoch_times(spec, None, args, torch.device("cpu"))
+    assert order == ["sum", "abp", "abp", "sum", "sum", "abp", "abp", "sum"]
+    assert steps == 10 and len(times["abp"]["cpu"]) == 7  # the first epoch of the first round is the warm-up
+    ratios = [a / b for a, b in zip(times["abp"]["cpu"], times["sum"]["cpu"])]
+    # round 0 pairs sum's run 1 with ABP's run 2 (x 1.5), round 1 ABP's run 3 with sum's run 4: in one the drift
+    # adds to ABP's time, in the next to sum's
+    assert ratios[:3] == [3.0, 1.125, 1.125] and ratios[3:5] == [6 * 1.5 / 5] * 2
+    assert epoch.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)

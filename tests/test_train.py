@@ -396,6 +396,31 @@ def test_bf16_mixed_precision_runs(tmp_path):
     assert np.isfinite(res.metrics["metrics"]["test_best"][TARGET]["mae"])
 
 
+def test_fit_freezes_the_objects_that_existed_before_and_unfreezes_them_after(tmp_path):
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    marker = [object()]  # a tracked container created before the run
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            # frozen objects leave the collector's generations: gc.get_objects() no longer lists them
+            seen["frozen"] = gc.get_freeze_count()
+            seen["marker listed"] = any(o is marker for o in gc.get_objects())
+
+    run_training(tiny_config(tmp_path, "sum", subset=100, max_epochs=1), callbacks=[Probe()])
+    assert seen["frozen"] > 10_000 and not seen["marker listed"]
+    assert gc.get_freeze_count() == 0 and any(o is marker for o in gc.get_objects())
+
+    gc.freeze()  # a caller's own freeze is left alone
+    try:
+        run_training(tiny_config(tmp_path / "again", "sum", subset=100, max_epochs=1))
+        assert gc.get_freeze_count() > 10_000 and not any(o is marker for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
+
+
 # ---- DDP ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
