@@ -77,6 +77,7 @@ from .preemption import PreemptionCheckpoint, TrainingPreempted, forward_sigusr1
 __all__ = [
     "AtomisticTask",
     "AtomisticDataModule",
+    "FlatParameters",
     "LossTerm",
     "RegressionErrors",
     "EpochSampler",
@@ -199,6 +200,143 @@ def _orbital_loss(task: "AtomisticTask", batch, pred, weights):
     return task.model.auxiliary_loss(batch, weights)
 
 
+class FlatParameters:
+    """A module's trainable parameters as views of one flat tensor, so that the optimizer steps one tensor.
+
+    Why: a PyTorch optimizer's step costs a fixed amount per parameter tensor on top of its arithmetic (its
+    Python bookkeeping, a step counter and a kernel call each: ~10 us per tensor for fused Adam on CPU,
+    ``benchmarks/epoch.py``'s optimizer phase). SchNet has 34 tensors and ABP adds 31, so at the quickstart's
+    small batches that fixed part was ~0.6 ms of a ~25 ms step. The update of each element is the same
+    arithmetic either way, so the weights after a step are bitwise the same (``tests/test_train.py``).
+
+    Autograd still fills each parameter's own ``.grad``. :meth:`gather_grads`, called by the task's
+    ``on_before_optimizer_step`` (after the backward of every accumulated batch and before Lightning clips the
+    gradients), concatenates them into ``flat.grad`` and clears them. A parameter that got no gradient while
+    others did is stepped with a zero gradient (PyTorch's optimizers would skip it); one warning names it. With
+    no gradient at all ``flat.grad`` stays ``None`` and the optimizer skips the step, as before.
+
+    Args:
+        params: the parameters, all of one dtype and device. Their ``.data`` becomes a view of :attr:`flat`; if
+            anything later replaces a parameter's ``.data`` (``module.to(...)``, ``load_state_dict(...,
+            assign=True)``), :meth:`gather_grads` raises instead of stepping a stale copy.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("FlatParameters needs at least one parameter")
+        if len({(p.dtype, p.device) for p in self.params}) != 1:
+            raise ValueError("FlatParameters needs parameters of one dtype and device")
+        self.numels = [p.numel() for p in self.params]
+        first = self.params[0]
+        flat = torch.empty(sum(self.numels), dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for p, view in zip(self.params, flat.split(self.numels)):
+                view.copy_(p.reshape(-1))
+                p.data = view.view_as(p)
+        self.flat = torch.nn.Parameter(flat)
+        self._pointers = [p.data_ptr() for p in self.params]
+        self._warned = False
+
+    @staticmethod
+    def applies(params: Sequence[torch.nn.Parameter], trainer=None) -> bool:
+        """Whether the flat layout can serve these parameters under this trainer: one dtype and device, one
+        process (DDP keeps its own gradient buckets), and no gradient scaler (``16-mixed`` unscales the
+        optimizer's gradients before ``on_before_optimizer_step``)."""
+        if len(params) < 2 or len({(p.dtype, p.device) for p in params}) != 1:
+            return False
+        if trainer is None:
+            return True
+        return trainer.world_size == 1 and getattr(trainer.precision_plugin, "scaler", None) is None
+
+    def gather_grads(self) -> None:
+        """Move the parameters' gradients into ``flat.grad`` (see the class docstring)."""
+        if [p.data_ptr() for p in self.params] != self._pointers:
+            raise RuntimeError("a parameter's storage was replaced after the optimizer was set up (module.to(), "
+                               "load_state_dict(assign=True)?): the optimizer would update a stale copy")
+        grads = [p.grad for p in self.params]
+        missing = [i for i, g in enumerate(grads) if g is None]
+        if len(missing) == len(grads):
+            self.flat.grad = None
+            return
+        if missing:
+            if not self._warned:
+                warnings.warn(f"{len(missing)} parameter tensor(s) (shapes {[tuple(self.params[i].shape) for i in missing[:5]]}) "
+                              f"got no gradient; the flat optimizer steps them with a zero gradient")
+                self._warned = True
+            for i in missing:
+                grads[i] = torch.zeros_like(self.params[i])
+        self.flat.grad = torch.cat([g.reshape(-1) for g in grads])
+        for p in self.params:
+            p.grad = None
+
+    def release(self) -> None:
+        """Give every parameter its own storage again (after training: an ordinary module for the user)."""
+        with torch.no_grad():
+            for p in self.params:
+                p.data = p.data.clone()
+        self._pointers = [p.data_ptr() for p in self.params]
+
+    @staticmethod
+    def convert_optimizer_states(states: List[Dict[str, Any]], params: Sequence[torch.nn.Parameter],
+                                 flat: bool) -> None:
+        """Convert a checkpoint's optimizer state dicts, in place, to the flat layout (``flat=True``) or to the
+        per-parameter one; those already in it are left as they are."""
+        numels, shapes = [p.numel() for p in params], [p.shape for p in params]
+        for k, state in enumerate(states):
+            tensors = sum(len(g["params"]) for g in state.get("param_groups", []))
+            if len(params) < 2 or tensors == (1 if flat else len(params)):
+                continue
+            states[k] = (_optimizer_state_flattened(state, numels) if flat
+                         else _optimizer_state_split(state, numels, shapes))
+
+
+def _optimizer_state_flattened(state_dict: Dict[str, Any], numels: Sequence[int]) -> Dict[str, Any]:
+    groups = state_dict["param_groups"]
+    if len(groups) != 1 or len(groups[0]["params"]) != len(numels):
+        raise CheckpointError(f"the checkpoint's optimizer holds {sum(len(g['params']) for g in groups)} parameter "
+                              f"tensors in {len(groups)} group(s); this model has {len(numels)} in one")
+    entries = [state_dict["state"].get(i) for i in groups[0]["params"]]
+    group = dict(groups[0], params=[0])
+    if all(e is None for e in entries):
+        return {"state": {}, "param_groups": [group]}
+    if any(e is None for e in entries):
+        raise CheckpointError("the checkpoint's optimizer has state for some parameters only; it cannot be "
+                              "converted to the flat layout")
+    flat = {}
+    for key, value in entries[0].items():
+        if key == "step" or not isinstance(value, torch.Tensor):  # one count for all (a skipped tensor: refuse)
+            if key == "step" and any(not torch.equal(torch.as_tensor(e[key]), torch.as_tensor(value)) for e in entries):
+                raise CheckpointError("the checkpoint's optimizer stepped its parameters different numbers of "
+                                      "times; it cannot be converted to the flat layout")
+            flat[key] = value
+        else:
+            flat[key] = torch.cat([e[key].reshape(-1) for e in entries])
+    return {"state": {0: flat}, "param_groups": [group]}
+
+
+def _optimizer_state_split(state_dict: Dict[str, Any], numels: Sequence[int], shapes) -> Dict[str, Any]:
+    groups = state_dict["param_groups"]
+    if len(groups) != 1 or len(groups[0]["params"]) != 1:
+        raise CheckpointError("the checkpoint's optimizer is not in the flat layout (one tensor, one group)")
+    group = dict(groups[0], params=list(range(len(numels))))
+    flat = state_dict["state"].get(groups[0]["params"][0])
+    if flat is None:
+        return {"state": {}, "param_groups": [group]}
+    state: Dict[int, Dict[str, Any]] = {i: {} for i in range(len(numels))}
+    for key, value in flat.items():
+        if key != "step" and isinstance(value, torch.Tensor):
+            if value.numel() != sum(numels):
+                raise CheckpointError(f"the checkpoint's flat optimizer state {key!r} has {value.numel()} "
+                                      f"elements; this model has {sum(numels)} parameters")
+            for i, (part, shape) in enumerate(zip(value.split(list(numels)), shapes)):
+                state[i][key] = part.reshape(shape).clone()
+        else:
+            for i in state:
+                state[i][key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return {"state": state, "param_groups": [group]}
+
+
 class AtomisticTask(L.LightningModule):
     """Regression of molecular targets with a backbone + readout model on standardised targets.
 
@@ -240,6 +378,7 @@ class AtomisticTask(L.LightningModule):
         for metric in self.train_means.values():
             metric.persistent(True)  # part of mid-epoch checkpoints: the epoch means survive a resume
         self.last_epoch_summary: Dict[str, float] = {}
+        self._flat: Optional[FlatParameters] = None  # set by configure_optimizers
 
     # ---- standardisation ---------------------------------------------------------------------
     def standardize(self, y: torch.Tensor) -> torch.Tensor:
@@ -329,11 +468,17 @@ class AtomisticTask(L.LightningModule):
         if not all(math.isfinite(v) for v in val.values()):
             self._non_finite("validation", None, None, {k: torch.tensor(v) for k, v in val.items()})
 
+    def _trainable(self) -> List[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
         t = self.cfg.trainer
-        params = list(self.parameters())
-        # One fused kernel for all parameters instead of ~10 small ops per parameter tensor: a fixed cost
-        # per step that grows with the parameter count (ABP adds ~30 tensors; benchmarks/epoch.py).
+        params = self._trainable()
+        # One tensor for the optimizer where possible (FlatParameters), and one fused kernel for all of it
+        # instead of ~10 small ops per tensor: both are fixed costs per step (benchmarks/epoch.py).
+        self._flat = FlatParameters(params) if FlatParameters.applies(params, self._trainer) else None
+        if self._flat is not None:
+            params = [self._flat.flat]
         fused = {"fused": True} if all(p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda")
                                        for p in params) else {}
         if t.optimizer == "adam":
@@ -348,6 +493,22 @@ class AtomisticTask(L.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss",
                                                        "interval": "epoch", "frequency": 1}}
         return opt
+
+    def on_before_optimizer_step(self, optimizer):
+        if self._flat is not None:
+            self._flat.gather_grads()
+
+    def on_fit_end(self):
+        if self._flat is not None:
+            self._flat.release()
+
+    def on_load_checkpoint(self, checkpoint):
+        # Resuming (this runs before configure_optimizers): the checkpoint's optimizer state in the layout that
+        # configure_optimizers will choose, whichever layout wrote it (FlatParameters).
+        states = checkpoint.get("optimizer_states")
+        if self._trainer is not None and states:
+            params = self._trainable()
+            FlatParameters.convert_optimizer_states(states, params, FlatParameters.applies(params, self._trainer))
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["abp_version"] = __version__

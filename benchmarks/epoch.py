@@ -243,6 +243,7 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
         mark()
         h.backward(gh)
         mark()
+        task.on_before_optimizer_step(opt)  # what Lightning calls between the backward and the step
         opt.step()
         mark()
         if record:

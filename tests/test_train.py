@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from abp_core.config import Config, ConfigError
-from abp_core.train import (AtomisticTask, NonFiniteLossError, RunConflictError, evaluate, load_task,
+from abp_core.train import (AtomisticTask, FlatParameters, NonFiniteLossError, RunConflictError, evaluate, load_task,
                             regression_metrics, run_directory, run_training)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -195,8 +195,10 @@ def assert_same_training(run_dir, ref_dir):
     for col in ("train_loss", "val_loss"):
         np.testing.assert_allclose(h[col], h_ref[col], rtol=1e-6)
     final, ref = state(Path(run_dir) / "last.ckpt"), state(Path(ref_dir) / "last.ckpt")
-    names = [n for n, _ in AtomisticTask(**ref["hyper_parameters"]).named_parameters()]
-    moments = ref["optimizer_states"][0]["state"]
+    names, params = zip(*AtomisticTask(**ref["hyper_parameters"]).named_parameters())
+    states = [ref["optimizer_states"][0]]
+    FlatParameters.convert_optimizer_states(states, params, flat=False)  # the trainer steps one flat tensor
+    moments = states[0]["state"]
     checked = total = 0
     for i, name in enumerate(names):
         live = moments[i]["exp_avg_sq"] > 1e-14
@@ -455,3 +457,144 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     m2 = json.loads((two / "metrics.json").read_text())
     assert m2["metrics"]["test_best"][TARGET]["mae"] == pytest.approx(
         one.metrics["metrics"]["test_best"][TARGET]["mae"], rel=1e-4)
+
+
+# ---- the flat parameter layout (FlatParameters) ---------------------------------------------------
+def _flat_and_per_parameter_tasks(tmp_path, monkeypatch, readout="abp", **trainer):
+    """Two identical tasks and their optimizers from configure_optimizers: the flat layout and the per-parameter
+    one (FlatParameters.applies switched off for the second)."""
+    cfg = tiny_config(tmp_path, readout, **trainer).to_dict()
+    out = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        task = AtomisticTask(cfg, [TARGET], ["eV"], [0.0], [1.0])
+        with monkeypatch.context() as m:
+            if not flat:
+                m.setattr(FlatParameters, "applies", staticmethod(lambda params, trainer=None: False))
+            out.append((task, task.configure_optimizers()))
+    return out
+
+
+def _train_steps(task, opt, batches):
+    for batch in batches:
+        opt.zero_grad()
+        task._losses(batch)[0].backward()
+        task.on_before_optimizer_step(opt)  # where Lightning calls it: after the backward, before clipping
+        opt.step()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_the_flat_layout_steps_to_bitwise_the_same_weights(tmp_path, monkeypatch, qm7b, optimizer):
+    from torch_geometric.data import Batch
+
+    (flat, opt_flat), (ref, opt_ref) = _flat_and_per_parameter_tasks(tmp_path, monkeypatch, optimizer=optimizer,
+                                                                     weight_decay=1e-2)
+    assert flat._flat is not None and ref._flat is None
+    assert [len(g["params"]) for g in opt_flat.param_groups] == [1]
+    assert len(opt_ref.param_groups[0]["params"]) == len(list(ref.parameters())) > 30
+    batches = [Batch.from_data_list([qm7b[i] for i in range(k, k + 8)]) for k in range(0, 40, 8)]
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    _train_steps(flat, opt_flat, batches)
+    _train_steps(ref, opt_ref, batches)
+    pairs = list(zip(flat.state_dict().items(), ref.state_dict().items()))
+    assert all(na == nb and torch.equal(a, b) for (na, a), (nb, b) in pairs)
+    moved = [k for k, v in ref.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(moved) > 30  # the steps did something, to both
+    # the per-parameter gradients were moved, not copied and kept
+    assert all(p.grad is None for p in flat.parameters()) and opt_flat.param_groups[0]["params"][0].grad is not None
+
+
+def test_the_flat_layout_moves_gradients_and_refuses_a_replaced_storage(tmp_path, monkeypatch):
+    (task, opt), _ = _flat_and_per_parameter_tasks(tmp_path, monkeypatch, readout="wa")
+    flat, params = task._flat, list(task.parameters())
+    assert all(p.data_ptr() >= flat.flat.data_ptr() for p in params)
+    flat.gather_grads()  # no gradient at all: nothing to step
+    assert flat.flat.grad is None
+    before = flat.flat.detach().clone()
+    opt.step()
+    assert torch.equal(flat.flat, before)
+    for k, p in enumerate(params):
+        p.grad = None if k == 3 else torch.full_like(p, float(k))
+    with pytest.warns(UserWarning, match="1 parameter tensor"):
+        flat.gather_grads()
+    expected = torch.cat([torch.full((p.numel(),), 0.0 if k == 3 else float(k)) for k, p in enumerate(params)])
+    assert torch.equal(flat.flat.grad, expected) and all(p.grad is None for p in params)
+    opt.step()  # the parameters are views: a step moves them
+    offset = params[0].numel()  # params[0] got a zero gradient; params[1] a nonzero one
+    assert not torch.equal(params[1], before[offset:offset + params[1].numel()].view_as(params[1]))
+    params[2].data = params[2].data.clone()  # e.g. module.to(...) after the optimizer was set up
+    params[2].grad = torch.ones_like(params[2])
+    with pytest.raises(RuntimeError, match="stale copy"):
+        flat.gather_grads()
+
+
+def test_the_flat_layout_is_released_after_fit_and_optimizer_states_convert_both_ways(tmp_path, monkeypatch):
+    from abp_core.train import CheckpointError
+
+    (task, opt), _ = _flat_and_per_parameter_tasks(tmp_path, monkeypatch, readout="abp")
+    params = list(task.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    task.on_before_optimizer_step(opt)
+    opt.step()
+    values = [p.detach().clone() for p in params]
+    task.on_fit_end()
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # each its own storage again
+
+    flat_state = opt.state_dict()
+    states = [flat_state]
+    FlatParameters.convert_optimizer_states(states, params, flat=False)
+    per_param = states[0]
+    assert len(per_param["param_groups"][0]["params"]) == len(params)
+    assert [tuple(per_param["state"][i]["exp_avg"].shape) for i in range(len(params))] == [tuple(p.shape) for p in params]
+    assert all(torch.equal(per_param["state"][i]["step"], flat_state["state"][0]["step"]) for i in range(len(params)))
+    FlatParameters.convert_optimizer_states(states, params, flat=True)
+    again = states[0]
+    assert again["param_groups"] == flat_state["param_groups"]
+    assert all(torch.equal(again["state"][0][k], v) for k, v in flat_state["state"][0].items())
+    FlatParameters.convert_optimizer_states(states, params, flat=True)  # already flat: unchanged
+    assert states[0] is again
+    with pytest.raises(CheckpointError, match="parameter tensors"):
+        FlatParameters.convert_optimizer_states([per_param], params[:-1], flat=True)
+    per_param["state"][1]["step"] = per_param["state"][1]["step"] + 1
+    with pytest.raises(CheckpointError, match="different numbers of times"):
+        FlatParameters.convert_optimizer_states([per_param], params, flat=True)
+
+
+def test_a_run_resumes_from_a_checkpoint_of_the_per_parameter_layout(tmp_path, trained):
+    """Checkpoints written before the flat layout (one optimizer entry per parameter) resume to the same run."""
+    class Crash(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 13:
+                raise RuntimeError("simulated crash")
+
+    ref = trained("abp")
+    cfg = tiny_config(tmp_path / "old-layout", "abp")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(cfg, callbacks=[Crash()])
+    path = run_directory(cfg, [TARGET]) / "last.ckpt"
+    ck = state(path)
+    params = list(AtomisticTask(**ck["hyper_parameters"]).parameters())
+    assert len(ck["optimizer_states"][0]["param_groups"][0]["params"]) == 1  # written in the flat layout
+    FlatParameters.convert_optimizer_states(ck["optimizer_states"], params, flat=False)
+    torch.save(ck, path)
+    res = run_training(cfg)
+    assert res.resumed_from == {"epoch": 0, "global_step": 8} and res.metrics["global_step"] == 24
+    assert_same_training(path.parent, ref.run_dir)
+
+
+def test_gradient_clipping_sees_the_gathered_gradients(tmp_path, monkeypatch):
+    """Lightning clips after on_before_optimizer_step: with the flat layout the clipped run equals the
+    per-parameter one (and differs from the unclipped run, so clipping did act)."""
+    def final_weights(name, clip, flat=True):
+        with monkeypatch.context() as m:
+            if not flat:
+                m.setattr(FlatParameters, "applies", staticmethod(lambda params, trainer=None: False))
+            res = run_training(tiny_config(tmp_path / name, "wa", max_epochs=1, gradient_clip=clip))
+        return state(res.run_dir / "last.ckpt")["state_dict"]
+
+    flat, per_param, unclipped = final_weights("flat", 0.05), final_weights("ref", 0.05, flat=False), \
+        final_weights("unclipped", None)
+    assert all(torch.allclose(flat[k], per_param[k], rtol=1e-4, atol=1e-6) for k in flat)
+    assert not all(torch.allclose(flat[k], unclipped[k], rtol=1e-4, atol=1e-6) for k in flat)
