@@ -236,6 +236,8 @@ class FlatParameters:
                 p.data = view.view_as(p)
         self.flat = torch.nn.Parameter(flat)
         self._pointers = [p.data_ptr() for p in self.params]
+        self._grad: Optional[torch.Tensor] = None  # the gradient buffer and its per-parameter views
+        self._grad_views: List[torch.Tensor] = []
         self._warned = False
 
     @staticmethod
@@ -259,14 +261,19 @@ class FlatParameters:
         if len(missing) == len(grads):
             self.flat.grad = None
             return
-        if missing:
-            if not self._warned:
-                warnings.warn(f"{len(missing)} parameter tensor(s) (shapes {[tuple(self.params[i].shape) for i in missing[:5]]}) "
-                              f"got no gradient; the flat optimizer steps them with a zero gradient")
-                self._warned = True
-            for i in missing:
-                grads[i] = torch.zeros_like(self.params[i])
-        self.flat.grad = torch.cat([g.reshape(-1) for g in grads])
+        if missing and not self._warned:
+            warnings.warn(f"{len(missing)} parameter tensor(s) (shapes {[tuple(self.params[i].shape) for i in missing[:5]]}) "
+                          f"got no gradient; the flat optimizer steps them with a zero gradient")
+            self._warned = True
+        if self._grad is None:  # one buffer for every step: a fresh one would be page-faulted in each time
+            self._grad = torch.empty_like(self.flat, requires_grad=False)
+            self._grad_views = [v.view_as(p) for v, p in zip(self._grad.split(self.numels), self.params)]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        # one dispatch for all the copies, into the buffer's views (no torch.cat allocating a new one)
+        torch._foreach_copy_([self._grad_views[i] for i in present], [grads[i] for i in present])
+        for i in missing:
+            self._grad_views[i].zero_()
+        self.flat.grad = self._grad
         for p in self.params:
             p.grad = None
 
@@ -276,6 +283,7 @@ class FlatParameters:
             for p in self.params:
                 p.data = p.data.clone()
         self._pointers = [p.data_ptr() for p in self.params]
+        self._grad, self._grad_views, self.flat.grad = None, [], None
 
     @staticmethod
     def convert_optimizer_states(states: List[Dict[str, Any]], params: Sequence[torch.nn.Parameter],

@@ -310,6 +310,35 @@ def matmul_floor(spec: dict, batches, device, repeats: int = 5) -> float:
     return median(times)
 
 
+def optimizer_layouts(task, device, repeats: int = 40) -> Dict[str, float]:
+    """Median seconds of one fused Adam step over ``task``'s parameters (copies, random gradients) in two
+    layouts, interleaved: one optimizer entry per parameter tensor, and the trainer's flat layout
+    (``abp_core.train.FlatParameters``: one tensor; the time includes gathering the gradients into it)."""
+    from abp_core.train import FlatParameters
+
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    per = [torch.nn.Parameter(p.detach().clone()) for p in task.parameters()]
+    flat = FlatParameters([torch.nn.Parameter(p.detach().clone()) for p in per])
+    opts = {"per-parameter": torch.optim.Adam(per, lr=1e-4, **fused),
+            "flat": torch.optim.Adam([flat.flat], lr=1e-4, **fused)}
+    grads = [torch.randn_like(p) for p in per]
+    times: Dict[str, List[float]] = {k: [] for k in opts}
+    for i in range(repeats + 1):
+        for name, opt in opts.items():
+            for p, q, g in zip(per, flat.params, grads):
+                (p if name == "per-parameter" else q).grad = g.clone()
+            synchronize(device)
+            t0 = clock()
+            if name == "flat":
+                flat.gather_grads()
+            opt.step()
+            synchronize(device)
+            if i:  # the first step allocates the optimizer's state
+                times[name].append(clock() - t0)
+    return {k: median(v) for k, v in times.items()}
+
+
 def operator_profile(task, batches, device, top: int = 12):
     """``torch.profiler`` table of the readout's forward + backward (top operators by self time), and
     its wall time under the profiler spent outside any operator (both include the profiler's own overhead)."""
@@ -431,6 +460,12 @@ def main(argv=None) -> int:
               f"readout (forward, backward with the head's) {t_ro * 1e3:.2f} ms, sum's {sum_ro * 1e3:.2f} ms; so any exact "
               f"float32 ABP costs at least {bound * 1e3:.2f} ms per step more than sum here: an epoch ratio of at least "
               f"{1 + bound / per_step:.3f}x (sum's epoch: {per_step * 1e3:.1f} ms per train step)")
+        for ro in ("sum", "abp"):
+            layouts, tensors = optimizer_layouts(tasks[ro], device), len(list(tasks[ro].parameters()))
+            print(f"# fused Adam step of the {ro} model's {tensors} parameter tensors: one entry per tensor "
+                  f"{layouts['per-parameter'] * 1e6:.0f} us, the trainer's flat layout (gradients gathered, one tensor) "
+                  f"{layouts['flat'] * 1e6:.0f} us: {(layouts['per-parameter'] - layouts['flat']) / tensors * 1e6:.1f} us "
+                  f"per tensor saved")
         table, wall, inside = operator_profile(tasks["abp"], batches, device)
         print(f"\n### {name}: ABP readout forward + backward per batch under torch.profiler: {wall * 1e3:.2f} ms "
               f"wall, {inside * 1e3:.2f} ms inside operators (self time; Python inside an autograd.Function "

@@ -68,6 +68,11 @@ def test_epoch_benchmark_quick(bench, capsys):
     for text in ("median epoch s", "CPU vs sum", "readout forward", "backward: head + readout", "optimizer step",
                  "inside operators"):
         assert text in out, text
+    import re
+    layouts = re.findall(r"fused Adam step of the (\w+) model's (\d+) parameter tensors: one entry per tensor (\d+) us, "
+                         r"the trainer's flat layout \(gradients gathered, one tensor\) (\d+) us", out)
+    assert [m[0] for m in layouts] == ["sum", "abp"] and all(int(m[2]) > 0 and int(m[3]) > 0 for m in layouts)
+    assert int(layouts[1][1]) > int(layouts[0][1])  # ABP adds parameter tensors
 
 
 def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):

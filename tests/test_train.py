@@ -520,6 +520,13 @@ def test_the_flat_layout_moves_gradients_and_refuses_a_replaced_storage(tmp_path
     expected = torch.cat([torch.full((p.numel(),), 0.0 if k == 3 else float(k)) for k, p in enumerate(params)])
     assert torch.equal(flat.flat.grad, expected) and all(p.grad is None for p in params)
     opt.step()  # the parameters are views: a step moves them
+    buffer = flat.flat.grad.data_ptr()
+    for k, p in enumerate(params):  # the next step's gradients land in the same buffer, none left from the last
+        p.grad = None if k == 0 else torch.full_like(p, -1.0)
+    flat.gather_grads()
+    assert flat.flat.grad.data_ptr() == buffer
+    assert torch.equal(flat.flat.grad, torch.cat([torch.full((p.numel(),), 0.0 if k == 0 else -1.0)
+                                                  for k, p in enumerate(params)]))
     offset = params[0].numel()  # params[0] got a zero gradient; params[1] a nonzero one
     assert not torch.equal(params[1], before[offset:offset + params[1].numel()].view_as(params[1]))
     params[2].data = params[2].data.clone()  # e.g. module.to(...) after the optimizer was set up
