@@ -212,7 +212,7 @@ class FlatParameters:
 
     Autograd still fills each parameter's own ``.grad``. :meth:`gather_grads`, called by the task's
     ``on_before_optimizer_step`` (after the backward of every accumulated batch and before Lightning clips the
-    gradients), concatenates them into ``flat.grad`` and clears them. A parameter that got no gradient while
+    gradients), copies them into ``flat.grad`` (one buffer, reused every step) and clears them. A parameter that got no gradient while
     others did is stepped with a zero gradient (PyTorch's optimizers would skip it); one warning names it. With
     no gradient at all ``flat.grad`` stays ``None`` and the optimizer skips the step, as before.
 
@@ -258,8 +258,9 @@ class FlatParameters:
             raise RuntimeError("a parameter's storage was replaced after the optimizer was set up (module.to(), "
                                "load_state_dict(assign=True)?): the optimizer would update a stale copy")
         grads = [p.grad for p in self.params]
+        present = [i for i, g in enumerate(grads) if g is not None]
         missing = [i for i, g in enumerate(grads) if g is None]
-        if len(missing) == len(grads):
+        if not present:
             self.flat.grad = None
             return
         if missing and not self._warned:
@@ -269,7 +270,6 @@ class FlatParameters:
         if self._grad is None:  # one buffer for every step: a fresh one would be page-faulted in each time
             self._grad = torch.empty_like(self.flat, requires_grad=False)
             self._grad_views = [v.view_as(p) for v, p in zip(self._grad.split(self.numels), self.params)]
-        present = [i for i, g in enumerate(grads) if g is not None]
         # one dispatch for all the copies, into the buffer's views (no torch.cat allocating a new one)
         torch._foreach_copy_([self._grad_views[i] for i in present], [grads[i] for i in present])
         for i in missing:
