@@ -460,6 +460,11 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 
 
 # ---- the flat parameter layout (FlatParameters) ---------------------------------------------------
+def _per_parameter_layout(m):
+    """Within a monkeypatch context: the trainer keeps one optimizer entry per parameter (the reference)."""
+    m.setattr(FlatParameters, "applies", staticmethod(lambda params, trainer=None: False))
+
+
 def _flat_and_per_parameter_tasks(tmp_path, monkeypatch, readout="abp", **trainer):
     """Two identical tasks and their optimizers from configure_optimizers: the flat layout and the per-parameter
     one (FlatParameters.applies switched off for the second)."""
@@ -470,7 +475,7 @@ def _flat_and_per_parameter_tasks(tmp_path, monkeypatch, readout="abp", **traine
         task = AtomisticTask(cfg, [TARGET], ["eV"], [0.0], [1.0])
         with monkeypatch.context() as m:
             if not flat:
-                m.setattr(FlatParameters, "applies", staticmethod(lambda params, trainer=None: False))
+                _per_parameter_layout(m)
             out.append((task, task.configure_optimizers()))
     return out
 
@@ -597,7 +602,7 @@ def test_gradient_clipping_sees_the_gathered_gradients(tmp_path, monkeypatch):
     def final_weights(name, clip, flat=True):
         with monkeypatch.context() as m:
             if not flat:
-                m.setattr(FlatParameters, "applies", staticmethod(lambda params, trainer=None: False))
+                _per_parameter_layout(m)
             res = run_training(tiny_config(tmp_path / name, "wa", max_epochs=1, gradient_clip=clip))
         return state(res.run_dir / "last.ckpt")["state_dict"]
 
