@@ -38,6 +38,11 @@ same steps in the same order, every intermediate the backward needs in two works
 and ReLU masks), the parameter gradients as views of one buffer. That removes the ~40 PyTorch calls per step left
 around the native kernels above, their dispatch and their allocations (``benchmarks/README.md``, third pass).
 :func:`stepwise` keeps the per-layer node (tests; the recomputing layout always runs it).
+
+In training with :class:`abp_core.train.FlatParameters` the readout's parameters are one slice of a flat tensor;
+given that slice as a *parameter block* (:func:`use_parameter_block`), the node takes the block as its one
+parameter input and returns one gradient in its layout (:class:`_WholeReadoutBlock`): the autograd engine then
+accumulates one tensor instead of 31, and nothing is split into per-parameter views.
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["parameters", "attention_pooling", "sab_backward", "disabled", "python_tail", "stepwise", "KEEP_QKV_BYTES"]
+__all__ = ["parameters", "attention_pooling", "use_parameter_block", "sab_backward", "disabled", "python_tail", "stepwise", "KEEP_QKV_BYTES"]
 
 _state = {"off": False, "native_tail": True, "whole": True}
 
@@ -119,8 +124,12 @@ def attention_pooling(readout, x: Tensor, batch: Tensor, dim_size: int, params: 
     recompute = readout.recomputes(n)
     if _state["whole"] and not recompute and kernels.has_blas():
         plan = _WholePlan(lib, readout, starts, sizes)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            return _WholeReadout.apply(x, plan, *params)
+        if torch.is_grad_enabled():
+            block = _block_of(readout, params)
+            if block is not None:
+                return _WholeReadoutBlock.apply(x, plan, block, params)
+            if x.requires_grad or any(p.requires_grad for p in params):
+                return _WholeReadout.apply(x, plan, *params)
         return _whole_forward(plan, x, params)[0]
     present = None
     if num_present < dim_size:
@@ -516,6 +525,19 @@ def _whole_forward(plan: _WholePlan, x: Tensor, ps: List[Tensor]):
     return out, (dims, ws, wb)
 
 
+def _whole_backward(plan: _WholePlan, state, x: Tensor, out: Tensor, grad: Tensor, table, gtable,
+                    need_gx: bool) -> Optional[Tensor]:
+    """csrc's ``abp_readout_backward``: the parameter gradients at ``gtable``'s addresses; returns dL/dx."""
+    dims, ws, wb = state
+    grad = grad.contiguous()
+    gx = torch.empty_like(x) if need_gx else None
+    _check(plan.lib.abp_readout_backward(dims, table, gtable, x.data_ptr(), plan.starts.data_ptr(),
+                                         plan.sizes.data_ptr(), ws.data_ptr(), wb.data_ptr(), out.data_ptr(),
+                                         grad.data_ptr(), None if gx is None else gx.data_ptr()),
+           "readout backward")
+    return gx
+
+
 class _WholeReadout(torch.autograd.Function):
     """One autograd node, one native call each way, for the whole readout."""
 
@@ -530,17 +552,83 @@ class _WholeReadout(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, out, *ps = ctx.saved_tensors
-        plan, (dims, ws, wb) = ctx.plan, ctx.state
-        grad = grad.contiguous()
         # all parameter gradients in one allocation, each a contiguous view with its parameter's shape
         numels = [p.numel() for p in ps]
         grads = [g.view(p.shape) for g, p in zip(x.new_empty(sum(numels)).split(numels), ps)]
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
         gtable = (ctypes.c_int64 * len(ps))(*[g.data_ptr() for g in grads])
-        _check(plan.lib.abp_readout_backward(dims, table, gtable, x.data_ptr(), plan.starts.data_ptr(),
-                                             plan.sizes.data_ptr(), ws.data_ptr(), wb.data_ptr(), out.data_ptr(),
-                                             grad.data_ptr(), None if gx is None else gx.data_ptr()),
-               "readout backward")
+        gx = _whole_backward(ctx.plan, ctx.state, x, out, grad, table, gtable, ctx.needs_input_grad[0])
         ctx.state = None
         return (gx, None, *grads)
+
+
+class _WholeReadoutBlock(torch.autograd.Function):
+    """:class:`_WholeReadout` with the parameters as one autograd input, their parameter block (see
+    :func:`use_parameter_block`): one gradient tensor in the block's layout instead of 31, so the autograd
+    engine runs one gradient accumulation instead of 31 and nothing is split into views."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: _WholePlan, block: Tensor, ps: List[Tensor]) -> Tensor:
+        out, state = _whole_forward(plan, x, ps)
+        base = block.data_ptr()
+        ctx.plan, ctx.state = plan, state
+        ctx.pointers, ctx.offsets = [p.data_ptr() for p in ps], [p.data_ptr() - base for p in ps]
+        ctx.save_for_backward(x, out, block)  # the block: autograd checks it is not modified before the backward
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, out, block = ctx.saved_tensors
+        gblock = torch.empty_like(block)
+        base = gblock.data_ptr()
+        table = (ctypes.c_int64 * len(ctx.pointers))(*ctx.pointers)
+        gtable = (ctypes.c_int64 * len(ctx.offsets))(*[base + o for o in ctx.offsets])
+        gx = _whole_backward(ctx.plan, ctx.state, x, out, grad, table, gtable, ctx.needs_input_grad[0])
+        ctx.state = None
+        return gx, None, gblock, None
+
+
+def use_parameter_block(readout, block: Optional[Tensor]) -> bool:
+    """Let ``readout``'s training steps on this path take the gradient of all its parameters as one tensor.
+
+    ``block`` is a leaf tensor that requires grad and whose memory holds exactly the readout's parameters (e.g.
+    :class:`abp_core.train.FlatParameters`' views of one flat tensor: the readout's slice of it). While it is set,
+    a forward with gradients here gives ``block`` a ``.grad`` in its own layout (each parameter's gradient at its
+    parameter's offset) and leaves the parameters' own ``.grad`` alone; whoever set it collects the gradient
+    (:meth:`abp_core.train.FlatParameters.gather_grads`). Why: the autograd engine costs ~10 us per input tensor
+    and gradient accumulation, ~0.5 ms per step for 31 tensors (``benchmarks/README.md``, sixth pass). If a
+    parameter's storage later moves out of the block (``module.to(...)``), the path falls back to per-parameter
+    gradients. ``None`` switches it off. Returns whether the block was accepted (``False``: it does not hold the
+    parameters, or it is not a float32 CPU leaf)."""
+    if block is None:
+        readout.__dict__.pop("_parameter_block", None)
+        return True
+    ps = list(readout.parameters())
+    if (not ps or not block.is_leaf or not block.requires_grad or block.dtype != torch.float32
+            or block.device.type != "cpu" or not block.is_contiguous()
+            or block.numel() != sum(p.numel() for p in ps)):
+        return False
+    if any(p.dtype != torch.float32 or not p.is_contiguous() or not p.requires_grad for p in ps):
+        return False
+    # the parameters must tile the block exactly: sorted by address, each starts where the previous one ended
+    end = block.data_ptr()
+    for p in sorted(ps, key=lambda t: t.data_ptr()):
+        if p.data_ptr() != end:
+            return False
+        end += p.numel() * 4
+    readout.__dict__["_parameter_block"] = block  # a plain attribute: not a buffer, not in the state dict
+    return True
+
+
+def _block_of(readout, ps: List[Tensor]) -> Optional[Tensor]:
+    """The readout's parameter block if it still holds every parameter in ``ps``, else ``None``."""
+    block = readout.__dict__.get("_parameter_block")
+    if block is None:
+        return None
+    lo = block.data_ptr()
+    hi = lo + block.numel() * 4
+    for p in ps:
+        if not lo <= p.data_ptr() < hi:
+            return None
+    return block

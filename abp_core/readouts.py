@@ -1225,6 +1225,11 @@ class AttentionPooling(Readout):
             return self.recompute
         return num_atoms * 3 * self.hidden_channels * 4 > native_readout.KEEP_QKV_BYTES
 
+    def use_parameter_block(self, block: Optional[Tensor]) -> bool:
+        """Train through one gradient tensor for all parameters: see
+        :func:`abp_core.native_readout.use_parameter_block` (``abp_core.train.FlatParameters`` sets it)."""
+        return native_readout.use_parameter_block(self, block)
+
     def pool(self, x, batch, dim_size):
         path = set_attention_path(x, self.hidden_channels, self.heads, self.pma._dropout())
         params = native_readout.parameters(self, x, path)

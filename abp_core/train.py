@@ -216,13 +216,21 @@ class FlatParameters:
     others did is stepped with a zero gradient (PyTorch's optimizers would skip it); one warning names it. With
     no gradient at all ``flat.grad`` stays ``None`` and the optimizer skips the step, as before.
 
+    A module among ``blocks`` with a ``use_parameter_block(block)`` method (ABP's readout) whose parameters lie
+    side by side in :attr:`flat` is offered its slice of it as one leaf tensor, a *parameter block*; if it accepts,
+    its training steps give that block one gradient in the flat layout (the readout's 31 tensors cost the autograd
+    engine ~0.5 ms per quickstart step, ``benchmarks/README.md``, sixth pass), and :meth:`gather_grads` copies it
+    with one copy. Gradients that reach the module's parameters the ordinary way (its module path) are added too.
+
     Args:
         params: the parameters, all of one dtype and device. Their ``.data`` becomes a view of :attr:`flat`; if
             anything later replaces a parameter's ``.data`` (``module.to(...)``, ``load_state_dict(...,
             assign=True)``), :meth:`gather_grads` raises instead of stepping a stale copy.
+        blocks: modules to offer a parameter block (those without the method, or whose parameters are not all
+            among ``params`` side by side, are left alone).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter]):
+    def __init__(self, params: Sequence[torch.nn.Parameter], blocks: Sequence[torch.nn.Module] = ()):
         self.params = list(params)
         if not self.params:
             raise ValueError("FlatParameters needs at least one parameter")
@@ -240,6 +248,28 @@ class FlatParameters:
         self._grad: Optional[torch.Tensor] = None  # the gradient buffer and its per-parameter views
         self._grad_views: List[torch.Tensor] = []
         self._warned = False
+        # (first index, last index + 1, first element, last element + 1, block leaf, module) per accepted block
+        self._blocks: List[Tuple[int, int, int, int, torch.Tensor, torch.nn.Module]] = []
+        index = {id(p): i for i, p in enumerate(self.params)}
+        starts = [0]
+        for n in self.numels:
+            starts.append(starts[-1] + n)
+        for module in blocks:
+            own = list(module.parameters())
+            ids = [index.get(id(p)) for p in own]
+            if not hasattr(module, "use_parameter_block") or not own or None in ids:
+                continue
+            i0, i1 = ids[0], ids[0] + len(ids)
+            if ids != list(range(i0, i1)):
+                continue
+            block = self.flat.detach()[starts[i0]:starts[i1]].requires_grad_()
+            if module.use_parameter_block(block):
+                self._blocks.append((i0, i1, starts[i0], starts[i1], block, module))
+
+    @property
+    def parameter_blocks(self) -> Dict[torch.nn.Module, torch.Tensor]:
+        """The accepted parameter blocks by module (their gradients arrive in ``block.grad``)."""
+        return {module: block for *_, block, module in self._blocks}
 
     @staticmethod
     def applies(params: Sequence[torch.nn.Parameter], trainer=None) -> bool:
@@ -258,9 +288,13 @@ class FlatParameters:
             raise RuntimeError("a parameter's storage was replaced after the optimizer was set up (module.to(), "
                                "load_state_dict(assign=True)?): the optimizer would update a stale copy")
         grads = [p.grad for p in self.params]
-        present = [i for i, g in enumerate(grads) if g is not None]
-        missing = [i for i, g in enumerate(grads) if g is None]
-        if not present:
+        filled = [b for b in self._blocks if b[4].grad is not None]  # blocks whose gradient came as one tensor
+        covered = set()
+        for i0, i1, *_ in filled:
+            covered.update(range(i0, i1))
+        present = [i for i, g in enumerate(grads) if g is not None and i not in covered]
+        missing = [i for i, g in enumerate(grads) if g is None and i not in covered]
+        if not present and not filled:
             self.flat.grad = None
             return
         if missing and not self._warned:
@@ -271,15 +305,25 @@ class FlatParameters:
             self._grad = torch.empty_like(self.flat, requires_grad=False)
             self._grad_views = [v.view_as(p) for v, p in zip(self._grad.split(self.numels), self.params)]
         # one dispatch for all the copies, into the buffer's views (no torch.cat allocating a new one)
-        torch._foreach_copy_([self._grad_views[i] for i in present], [grads[i] for i in present])
+        if present:
+            torch._foreach_copy_([self._grad_views[i] for i in present], [grads[i] for i in present])
         for i in missing:
             self._grad_views[i].zero_()
+        for i0, i1, e0, e1, block, _ in filled:
+            self._grad[e0:e1].copy_(block.grad)
+            block.grad = None
+            for i in range(i0, i1):
+                if grads[i] is not None:  # this step also reached the parameter itself (its module path)
+                    self._grad_views[i].add_(grads[i])
         self.flat.grad = self._grad
         for p in self.params:
             p.grad = None
 
     def release(self) -> None:
         """Give every parameter its own storage again (after training: an ordinary module for the user)."""
+        for *_, module in self._blocks:
+            module.use_parameter_block(None)
+        self._blocks = []
         with torch.no_grad():
             for p in self.params:
                 p.data = p.data.clone()
@@ -485,7 +529,8 @@ class AtomisticTask(L.LightningModule):
         params = self._trainable()
         # One tensor for the optimizer where possible (FlatParameters), and one fused kernel for all of it
         # instead of ~10 small ops per tensor: both are fixed costs per step (benchmarks/epoch.py).
-        self._flat = FlatParameters(params) if FlatParameters.applies(params, self._trainer) else None
+        self._flat = (FlatParameters(params, blocks=[self.model.readout]) if FlatParameters.applies(params, self._trainer)
+                      else None)
         if self._flat is not None:
             params = [self._flat.flat]
         fused = {"fused": True} if all(p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda")

@@ -236,7 +236,10 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
         mark()
         loss = torch.nn.functional.l1_loss(model.head(pooled).float(), task.standardize(batch.y.float()))
         mark()
-        top = [p for m in (model.readout, model.head) for p in m.parameters()]
+        # the readout's parameter block stands for its parameters when the flat layout gave it one
+        blocks = getattr(task._flat, "parameter_blocks", {})  # (none in a baseline from before blocks)
+        top = ([blocks[model.readout]] if model.readout in blocks else list(model.readout.parameters())) + list(
+            model.head.parameters())
         gh, *grads = torch.autograd.grad(loss, [h, *top])  # head and readout, parameter gradients included
         for p, g in zip(top, grads):
             p.grad = g

@@ -293,3 +293,58 @@ def test_pma_pool_kernels_against_torch():
     torch.testing.assert_close(gs.double(), g_scores, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         kernels.pma_pool_forward(scores.detach().float(), z.detach().float(), starts + 1, sizes)
+
+
+def _blocked(readout):
+    """The readout's parameters made views of one leaf tensor, as abp_core.train.FlatParameters lays them out."""
+    ps = list(readout.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in ps])
+    for p, view in zip(ps, flat.split([p.numel() for p in ps])):
+        p.data = view.view_as(p)
+    return flat.requires_grad_()
+
+
+@pytest.mark.skipif(not kernels.has_blas(), reason="the whole-readout call needs PyTorch's sgemm_")
+def test_a_parameter_block_receives_every_parameter_gradient_in_its_layout(one_torch_thread):
+    import copy
+
+    torch.manual_seed(0)
+    readout = AttentionPooling(64, heads=4)
+    reference = copy.deepcopy(readout)
+    batch = _batch([3, 7, 1, 12])
+    x, gout = torch.randn(batch.numel(), 64), torch.randn(4, 64)
+    ref, ref_grads, _ = _run(reference, x, batch, 4, gout)
+    block = _blocked(readout)
+    assert readout.use_parameter_block(block)
+    xg = x.clone().requires_grad_()
+    out = readout(xg, batch, dim_size=4)
+    assert type(out.grad_fn).__name__ == "_WholeReadoutBlockBackward"
+    out.backward(gout)
+    # the same native call with the same inputs: bitwise the same numbers, only where the gradients go differs
+    assert torch.equal(out, ref) and torch.equal(xg.grad, ref_grads[0])
+    assert all(p.grad is None for p in readout.parameters())
+    base = block.data_ptr()
+    for (name, p), g in zip(readout.named_parameters(), ref_grads[1:]):
+        at = (p.data_ptr() - base) // 4
+        assert torch.equal(block.grad[at:at + p.numel()].view_as(p), g), name
+    # a parameter whose storage moved out of the block: per-parameter gradients again, nothing lost
+    ps = list(readout.parameters())
+    ps[5].data = ps[5].data.clone()
+    block.grad = None
+    out = readout(xg, batch, dim_size=4)
+    assert type(out.grad_fn).__name__ == "_WholeReadoutBackward"
+    out.backward(gout)
+    assert block.grad is None and all(p.grad is not None for p in ps)
+    assert readout.use_parameter_block(None) and "_parameter_block" not in readout.__dict__
+
+
+def test_a_parameter_block_that_does_not_hold_the_parameters_is_refused():
+    readout = AttentionPooling(64, heads=4)
+    numel = sum(p.numel() for p in readout.parameters())
+    assert not readout.use_parameter_block(torch.zeros(numel, requires_grad=True))  # other memory
+    block = _blocked(readout)
+    assert not readout.use_parameter_block(block[:-1].detach().requires_grad_())  # one element short
+    assert not readout.use_parameter_block(block * 1)  # not a leaf
+    assert not readout.use_parameter_block(block.detach())  # does not require grad
+    assert "_parameter_block" not in readout.__dict__
+    assert readout.use_parameter_block(block)

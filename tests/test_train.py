@@ -465,10 +465,12 @@ def _per_parameter_layout(m):
     m.setattr(FlatParameters, "applies", staticmethod(lambda params, trainer=None: False))
 
 
-def _flat_and_per_parameter_tasks(tmp_path, monkeypatch, readout="abp", **trainer):
+def _flat_and_per_parameter_tasks(tmp_path, monkeypatch, readout="abp", heads=2, **trainer):
     """Two identical tasks and their optimizers from configure_optimizers: the flat layout and the per-parameter
-    one (FlatParameters.applies switched off for the second)."""
+    one (FlatParameters.applies switched off for the second). ABP with ``heads=1`` (head dimension 16) runs the
+    native whole-readout node, with 2 the module path."""
     cfg = tiny_config(tmp_path, readout, **trainer).to_dict()
+    cfg["model"]["readout_hparams"] = {"abp": {"heads": heads}}
     out = []
     for flat in (True, False):
         torch.manual_seed(0)
@@ -488,12 +490,15 @@ def _train_steps(task, opt, batches):
         opt.step()
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
-def test_the_flat_layout_steps_to_bitwise_the_same_weights(tmp_path, monkeypatch, qm7b, optimizer):
+@pytest.mark.parametrize("optimizer,heads", [("adam", 2), ("adamw", 2), ("sgd", 2), ("adam", 1)])
+def test_the_flat_layout_steps_to_bitwise_the_same_weights(tmp_path, monkeypatch, qm7b, optimizer, heads,
+                                                           one_torch_thread):
+    """heads=1: ABP's native node, its gradient through the readout's parameter block; heads=2: its module path."""
     from torch_geometric.data import Batch
 
     (flat, opt_flat), (ref, opt_ref) = _flat_and_per_parameter_tasks(tmp_path, monkeypatch, optimizer=optimizer,
-                                                                     weight_decay=1e-2)
+                                                                     weight_decay=1e-2, heads=heads)
+    assert flat.model.readout in flat._flat.parameter_blocks  # offered and taken; heads=1 trains through it
     assert flat._flat is not None and ref._flat is None
     assert [len(g["params"]) for g in opt_flat.param_groups] == [1]
     assert len(opt_ref.param_groups[0]["params"]) == len(list(ref.parameters())) > 30
@@ -507,6 +512,38 @@ def test_the_flat_layout_steps_to_bitwise_the_same_weights(tmp_path, monkeypatch
     assert len(moved) > 30  # the steps did something, to both
     # the per-parameter gradients were moved, not copied and kept
     assert all(p.grad is None for p in flat.parameters()) and opt_flat.param_groups[0]["params"][0].grad is not None
+
+
+def test_abps_readout_takes_its_gradient_as_one_block_and_the_module_path_adds_to_it(tmp_path, monkeypatch, qm7b,
+                                                                                    one_torch_thread):
+    """The flat layout gives ABP's readout its slice of the flat tensor as one parameter block: the gradient
+    arrives there in one tensor (no per-parameter .grad), and a batch that ran the readout's other path in the
+    same step (gradient accumulation) adds its per-parameter gradients: the gathered gradient equals the
+    per-parameter layout's, bitwise."""
+    from torch_geometric.data import Batch
+
+    from abp_core import kernels, native_readout
+
+    if not kernels.has_blas():
+        pytest.skip("the whole-readout call needs PyTorch's sgemm_")
+    (flat, _), (ref, _) = _flat_and_per_parameter_tasks(tmp_path, monkeypatch, heads=1)
+    readout = flat.model.readout
+    block = flat._flat.parameter_blocks[readout]
+    first, second = (Batch.from_data_list([qm7b[i] for i in range(k, k + 8)]) for k in (0, 8))
+    for task in (flat, ref):
+        task._losses(first)[0].backward()
+    assert block.grad is not None and all(p.grad is None for p in readout.parameters())
+    assert all(p.grad is not None for p in flat.model.head.parameters())
+    for task in (flat, ref):
+        with native_readout.stepwise():  # the per-layer node: gradients to each parameter
+            task._losses(second)[0].backward()
+    assert all(p.grad is not None for p in readout.parameters())
+    expected = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    flat._flat.gather_grads()
+    assert torch.equal(flat._flat.flat.grad, expected)
+    assert block.grad is None and all(p.grad is None for p in flat.parameters())
+    flat.on_fit_end()  # released: the readout trains through its own parameters again
+    assert not flat._flat.parameter_blocks and "_parameter_block" not in readout.__dict__
 
 
 def test_the_flat_layout_moves_gradients_and_refuses_a_replaced_storage(tmp_path, monkeypatch):
