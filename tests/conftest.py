@@ -40,12 +40,3 @@ def qm7b_molecules(qm7b):
         out.append(d)
     return out
 
-
-@pytest.fixture
-def one_torch_thread():
-    """One torch thread for a test that compares bits: with two, the attention kernels' molecules go to whichever
-    thread is free, and the order in which the threads' bias-gradient sums are added varies from call to call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -305,7 +305,7 @@ def _blocked(readout):
 
 
 @pytest.mark.skipif(not kernels.has_blas(), reason="the whole-readout call needs PyTorch's sgemm_")
-def test_a_parameter_block_receives_every_parameter_gradient_in_its_layout(one_torch_thread):
+def test_a_parameter_block_receives_every_parameter_gradient_in_its_layout():
     import copy
 
     torch.manual_seed(0)
@@ -348,3 +348,23 @@ def test_a_parameter_block_that_does_not_hold_the_parameters_is_refused():
     assert not readout.use_parameter_block(block.detach())  # does not require grad
     assert "_parameter_block" not in readout.__dict__
     assert readout.use_parameter_block(block)
+
+
+def test_gradients_are_bitwise_the_same_from_run_to_run_on_two_threads():
+    """The attention kernels hand molecules to whichever thread is free; the bias gradient's column sums are still
+    added in molecule order, so the same inputs give the same bits every time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        readout = AttentionPooling(64, heads=4)
+        batch = _batch([3, 7, 1, 12, 5, 9, 2, 14])
+        x, gout = torch.randn(batch.numel(), 64), torch.randn(8, 64)
+        for whole in (True, False):
+            with contextlib.nullcontext() if whole else native_readout.stepwise():
+                first = _run(readout, x, batch, 8, gout)[1]
+                for _ in range(6):
+                    again = _run(readout, x, batch, 8, gout)[1]
+                    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    finally:
+        torch.set_num_threads(threads)

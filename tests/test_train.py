@@ -491,8 +491,7 @@ def _train_steps(task, opt, batches):
 
 
 @pytest.mark.parametrize("optimizer,heads", [("adam", 2), ("adamw", 2), ("sgd", 2), ("adam", 1)])
-def test_the_flat_layout_steps_to_bitwise_the_same_weights(tmp_path, monkeypatch, qm7b, optimizer, heads,
-                                                           one_torch_thread):
+def test_the_flat_layout_steps_to_bitwise_the_same_weights(tmp_path, monkeypatch, qm7b, optimizer, heads):
     """heads=1: ABP's native node, its gradient through the readout's parameter block; heads=2: its module path."""
     from torch_geometric.data import Batch
 
@@ -514,8 +513,7 @@ def test_the_flat_layout_steps_to_bitwise_the_same_weights(tmp_path, monkeypatch
     assert all(p.grad is None for p in flat.parameters()) and opt_flat.param_groups[0]["params"][0].grad is not None
 
 
-def test_abps_readout_takes_its_gradient_as_one_block_and_the_module_path_adds_to_it(tmp_path, monkeypatch, qm7b,
-                                                                                    one_torch_thread):
+def test_abps_readout_takes_its_gradient_as_one_block_and_the_module_path_adds_to_it(tmp_path, monkeypatch, qm7b):
     """The flat layout gives ABP's readout its slice of the flat tensor as one parameter block: the gradient
     arrives there in one tensor (no per-parameter .grad), and a batch that ran the readout's other path in the
     same step (gradient accumulation) adds its per-parameter gradients: the gathered gradient equals the

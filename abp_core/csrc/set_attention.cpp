@@ -119,7 +119,8 @@ struct Problem {
 constexpr int R = 4;  // query rows per block: each key/value tile is read from cache once per R rows
 
 struct Scratch {
-    std::vector<float> k, v, kt, vt, dq, dk, dv, s, dp, lse, delta, colsum;
+    std::vector<float> k, v, kt, vt, dq, dk, dv, s, dp, lse, delta;
+    float* colsum = nullptr;  // this task's molecule's row of column sums (backward with a bias gradient)
     void reserve(int64_t n, int64_t c) {  // c = all heads' channels
         int64_t np = (n + 15) / 16 * 16;
         for (auto* b : {&k, &v, &dq, &dk, &dv}) if ((int64_t)b->size() < n * c) b->resize(n * c);
@@ -587,7 +588,7 @@ void forward_task(const Problem& P, int64_t m, Scratch& S) {
 
 template <int D>
 void backward_task(const Problem& P, int64_t m, Scratch& S) {
-    if (D == 16 && P.sizes[m] <= SMALL) return backward_small(P, m, P.colsum ? S.colsum.data() : nullptr);
+    if (D == 16 && P.sizes[m] <= SMALL) return backward_small(P, m, S.colsum);
     const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels, H = P.heads, ld = 3 * C, np = (n + 15) / 16 * 16;
     S.reserve(n, C);
     const float* base = P.qkv + r0 * ld;
@@ -613,7 +614,7 @@ void backward_task(const Problem& P, int64_t m, Scratch& S) {
     }
     // nothing was written to grad before this point, so grad may be qkv itself
     float* g = P.grad + r0 * ld;
-    float* cs = P.colsum ? S.colsum.data() : nullptr;
+    float* cs = S.colsum;
     scatter<D>(S.dq.data(), n, H, g, ld, cs);
     scatter<D>(S.dk.data(), n, H, g + C, ld, cs ? cs + C : nullptr);
     scatter<D>(S.dv.data(), n, H, g + 2 * C, ld, cs ? cs + 2 * C : nullptr);
@@ -629,18 +630,30 @@ void run(const Problem& P, int threads) {
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return P.sizes[a] > P.sizes[b]; });
     std::atomic<int64_t> next{0};
     const int64_t cols = 3 * P.channels;
-    if (P.colsum) std::fill(P.colsum, P.colsum + cols, 0.0f);
+    // The bias gradient: one row of column sums per molecule, added up in molecule order afterwards, so that
+    // the result does not depend on which thread took which molecule (bitwise the same from run to run).
+    static thread_local std::vector<float> per_molecule;
+    if (P.colsum) per_molecule.resize((size_t)(total * cols));
+    float* rows = P.colsum ? per_molecule.data() : nullptr;
     threads = std::max(1, std::min<int>(threads, (int)std::min<int64_t>(total, 64)));
 #pragma omp parallel num_threads(threads)
     {
         // kept per thread across calls: at small batches allocating and zero-filling it cost as much as a task
         static thread_local Scratch S;
-        if (P.colsum) S.colsum.assign(cols, 0.0f);
-        for (int64_t t; (t = next.fetch_add(1)) < total;) Task(P, order[t], S);
-        if (P.colsum) {
-#pragma omp critical
-            for (int64_t c = 0; c < cols; ++c) P.colsum[c] += S.colsum[c];
+        for (int64_t t; (t = next.fetch_add(1)) < total;) {
+            const int64_t m = order[t];
+            if (rows) {
+                S.colsum = rows + m * cols;
+                std::fill(S.colsum, S.colsum + cols, 0.0f);
+            }
+            Task(P, m, S);
         }
+        S.colsum = nullptr;
+    }
+    if (P.colsum) {
+        std::fill(P.colsum, P.colsum + cols, 0.0f);
+        for (int64_t m = 0; m < total; ++m)
+            for (int64_t c = 0; c < cols; ++c) P.colsum[c] += rows[m * cols + c];
     }
 }
 
