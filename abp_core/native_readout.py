@@ -596,8 +596,9 @@ def use_parameter_block(readout, block: Optional[Tensor]) -> bool:
     :class:`abp_core.train.FlatParameters`' views of one flat tensor: the readout's slice of it). While it is set,
     a forward with gradients here gives ``block`` a ``.grad`` in its own layout (each parameter's gradient at its
     parameter's offset) and leaves the parameters' own ``.grad`` alone; whoever set it collects the gradient
-    (:meth:`abp_core.train.FlatParameters.gather_grads`). Why: the autograd engine costs ~10 us per input tensor
-    and gradient accumulation, ~0.5 ms per step for 31 tensors (``benchmarks/README.md``, sixth pass). If a
+    (:meth:`abp_core.train.FlatParameters.gather_grads`). Why: the autograd engine has a fixed cost per input
+    tensor and gradient accumulation; at the quickstart's configuration ABP's backward (with the head's) fell from
+    +3.51 to +2.60 ms per step over sum's (``benchmarks/README.md``, sixth pass). If a
     parameter's storage later moves out of the block (``module.to(...)``), the path falls back to per-parameter
     gradients. ``None`` switches it off. Returns whether the block was accepted (``False``: it does not hold the
     parameters, or it is not a float32 CPU leaf)."""

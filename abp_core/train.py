@@ -218,9 +218,9 @@ class FlatParameters:
 
     A module among ``blocks`` with a ``use_parameter_block(block)`` method (ABP's readout) whose parameters lie
     side by side in :attr:`flat` is offered its slice of it as one leaf tensor, a *parameter block*; if it accepts,
-    its training steps give that block one gradient in the flat layout (the readout's 31 tensors cost the autograd
-    engine ~0.5 ms per quickstart step, ``benchmarks/README.md``, sixth pass), and :meth:`gather_grads` copies it
-    with one copy. Gradients that reach the module's parameters the ordinary way (its module path) are added too.
+    its training steps give that block one gradient in the flat layout (one autograd input instead of the readout's
+    31 tensors: ~0.9 ms less per quickstart step, ``benchmarks/README.md``, sixth pass), and :meth:`gather_grads`
+    copies it with one copy. Gradients that reach the module's parameters the ordinary way (its module path) are added too.
 
     Args:
         params: the parameters, all of one dtype and device. Their ``.data`` becomes a view of :attr:`flat`; if
