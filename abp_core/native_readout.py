@@ -55,7 +55,8 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["parameters", "attention_pooling", "use_parameter_block", "sab_backward", "disabled", "python_tail", "stepwise", "KEEP_QKV_BYTES"]
+__all__ = ["parameters", "attention_pooling", "use_parameter_block", "sab_backward", "disabled", "python_tail",
+           "stepwise", "KEEP_QKV_BYTES"]
 
 _state = {"off": False, "native_tail": True, "whole": True}
 
@@ -618,15 +619,18 @@ def use_parameter_block(readout, block: Optional[Tensor]) -> bool:
         if p.data_ptr() != end:
             return False
         end += p.numel() * 4
-    readout.__dict__["_parameter_block"] = block  # a plain attribute: not a buffer, not in the state dict
+    # a plain attribute (not a buffer, not in the state dict), with the number of tensors it holds
+    readout.__dict__["_parameter_block"] = (block, len(ps))
     return True
 
 
 def _block_of(readout, ps: List[Tensor]) -> Optional[Tensor]:
-    """The readout's parameter block if it still holds every parameter in ``ps``, else ``None``."""
-    block = readout.__dict__.get("_parameter_block")
-    if block is None:
+    """The readout's parameter block if ``ps`` are all the tensors it holds (so the backward writes every element
+    of its gradient) and each still lies in it, else ``None``."""
+    entry = readout.__dict__.get("_parameter_block")
+    if entry is None or len(ps) != entry[1]:
         return None
+    block = entry[0]
     lo = block.data_ptr()
     hi = lo + block.numel() * 4
     for p in ps:
