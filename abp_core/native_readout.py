@@ -571,9 +571,7 @@ class _WholeReadoutBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: _WholePlan, block: Tensor, ps: List[Tensor]) -> Tensor:
         out, state = _whole_forward(plan, x, ps)
-        base = block.data_ptr()
-        ctx.plan, ctx.state = plan, state
-        ctx.pointers, ctx.offsets = [p.data_ptr() for p in ps], [p.data_ptr() - base for p in ps]
+        ctx.plan, ctx.state, ctx.pointers = plan, state, [p.data_ptr() for p in ps]
         ctx.save_for_backward(x, out, block)  # the block: autograd checks it is not modified before the backward
         return out
 
@@ -582,9 +580,9 @@ class _WholeReadoutBlock(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, out, block = ctx.saved_tensors
         gblock = torch.empty_like(block)
-        base = gblock.data_ptr()
+        shift = gblock.data_ptr() - block.data_ptr()  # each gradient at its parameter's offset in the block
         table = (ctypes.c_int64 * len(ctx.pointers))(*ctx.pointers)
-        gtable = (ctypes.c_int64 * len(ctx.offsets))(*[base + o for o in ctx.offsets])
+        gtable = (ctypes.c_int64 * len(ctx.pointers))(*[ptr + shift for ptr in ctx.pointers])
         gx = _whole_backward(ctx.plan, ctx.state, x, out, grad, table, gtable, ctx.needs_input_grad[0])
         ctx.state = None
         return gx, None, gblock, None
