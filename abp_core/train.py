@@ -212,15 +212,17 @@ class FlatParameters:
 
     Autograd still fills each parameter's own ``.grad``. :meth:`gather_grads`, called by the task's
     ``on_before_optimizer_step`` (after the backward of every accumulated batch and before Lightning clips the
-    gradients), copies them into ``flat.grad`` (one buffer, reused every step) and clears them. A parameter that got no gradient while
-    others did is stepped with a zero gradient (PyTorch's optimizers would skip it); one warning names it. With
-    no gradient at all ``flat.grad`` stays ``None`` and the optimizer skips the step, as before.
+    gradients), copies them into ``flat.grad`` (one buffer, reused every step) and clears them. A parameter that
+    got no gradient while others did is stepped with a zero gradient (PyTorch's optimizers would skip it); one
+    warning names it. With no gradient at all ``flat.grad`` stays ``None`` and the optimizer skips the step, as
+    before.
 
     A module among ``blocks`` with a ``use_parameter_block(block)`` method (ABP's readout) whose parameters lie
     side by side in :attr:`flat` is offered its slice of it as one leaf tensor, a *parameter block*; if it accepts,
     its training steps give that block one gradient in the flat layout (one autograd input instead of the readout's
     31 tensors: ~0.9 ms less per quickstart step, ``benchmarks/README.md``, sixth pass), and :meth:`gather_grads`
-    copies it with one copy. Gradients that reach the module's parameters the ordinary way (its module path) are added too.
+    copies it with one copy. Gradients that reach the module's parameters the ordinary way (its module path) are
+    added too.
 
     Args:
         params: the parameters, all of one dtype and device. Their ``.data`` becomes a view of :attr:`flat`; if
@@ -529,8 +531,8 @@ class AtomisticTask(L.LightningModule):
         params = self._trainable()
         # One tensor for the optimizer where possible (FlatParameters), and one fused kernel for all of it
         # instead of ~10 small ops per tensor: both are fixed costs per step (benchmarks/epoch.py).
-        self._flat = (FlatParameters(params, blocks=[self.model.readout]) if FlatParameters.applies(params, self._trainer)
-                      else None)
+        flat = FlatParameters.applies(params, self._trainer)
+        self._flat = FlatParameters(params, blocks=[self.model.readout]) if flat else None
         if self._flat is not None:
             params = [self._flat.flat]
         fused = {"fused": True} if all(p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda")

@@ -200,7 +200,7 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
     """Median seconds per phase of a training step for each variant (same batches, interleaved)."""
     import importlib
 
-    tasks, opts = {}, {}
+    tasks, opts, tops = {}, {}, {}
     batches = None
     for ro, readout, package in variants(args):
         train = importlib.import_module(f"{package}.train")
@@ -217,6 +217,11 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
         tasks[ro] = task
         opt = task.configure_optimizers()
         opts[ro] = opt["optimizer"] if isinstance(opt, dict) else opt
+        # the head's and readout's parameters, the readout's block standing for its own when the flat layout gave
+        # it one (none in a baseline from before blocks); looked up once, outside the timed phases
+        blocks = getattr(task._flat, "parameter_blocks", {})
+        pool = task.model.readout
+        tops[ro] = ([blocks[pool]] if pool in blocks else list(pool.parameters())) + list(task.model.head.parameters())
     res = {v[0]: {p: [] for p in PHASES} for v in variants(args)}
     clock = time.process_time if device.type == "cpu" else time.perf_counter  # CPU: robust to other load
 
@@ -236,10 +241,7 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
         mark()
         loss = torch.nn.functional.l1_loss(model.head(pooled).float(), task.standardize(batch.y.float()))
         mark()
-        # the readout's parameter block stands for its parameters when the flat layout gave it one
-        blocks = getattr(task._flat, "parameter_blocks", {})  # (none in a baseline from before blocks)
-        top = ([blocks[model.readout]] if model.readout in blocks else list(model.readout.parameters())) + list(
-            model.head.parameters())
+        top = tops[ro]
         gh, *grads = torch.autograd.grad(loss, [h, *top])  # head and readout, parameter gradients included
         for p, g in zip(top, grads):
             p.grad = g
