@@ -160,6 +160,11 @@ class TrainerConfig:
         checkpoint_every_n_steps: also write ``last.ckpt`` every N optimisation steps (mid-epoch).
         output_dir: root of the run directories.
         progress_bar: show Lightning's progress bar.
+        flush_denormals: flush sub-normal floats (below 1.2e-38) to zero during training, on all CPU threads
+            (x86 FTZ/DAZ, :func:`abp_core.kernels.flush_denormals`): on x86 each sub-normal costs a microcode
+            assist, and SchNet's backward meets them. ``None`` (default): on when training on the CPU, off on a
+            GPU (which handles them at full speed). Changes results only below float32's rounding, so, like
+            the device, it is not part of the run's fingerprint.
     """
 
     lr: float = 1e-4
@@ -188,6 +193,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: Optional[int] = None
     output_dir: str = "runs"
     progress_bar: bool = True
+    flush_denormals: Optional[bool] = None
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "trainer": TrainerConfig}
@@ -195,7 +201,7 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "trainer": TrainerConfig}
 _NOT_IN_FINGERPRINT = {
     "data": {"root"},
     "trainer": {"output_dir", "num_workers", "pin_memory", "progress_bar", "checkpoint_every_n_steps",
-                "accelerator", "devices", "strategy"},
+                "accelerator", "devices", "strategy", "flush_denormals"},
 }
 
 

@@ -47,7 +47,7 @@ __all__ = ["available", "unavailable_reason", "applies", "supports", "disabled",
            "NativeKernelWarning"]
 
 SOURCE = Path(__file__).with_name("csrc") / "set_attention.cpp"
-ABI_VERSION = 9
+ABI_VERSION = 10
 HEAD_DIMS = (16, 32, 64)
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-march=native", "-mprefer-vector-width=512"]
 
@@ -125,6 +125,8 @@ def _load(path: Path) -> ctypes.CDLL:
               lib.abp_pma_pool_backward):
         f.restype = i32
     lib.abp_batch_table.restype = i64
+    lib.abp_flush_denormal.argtypes = [i32, i32]
+    lib.abp_flush_denormal.restype = i32
     lib.abp_set_sgemm.argtypes = [p]
     lib.abp_set_sgemm.restype = None
     lib.abp_pma_tail_forward.argtypes = [p, p]
@@ -155,6 +157,27 @@ def _torch_sgemm() -> Optional[int]:
 def has_blas() -> bool:
     """Can native kernels call PyTorch's BLAS (:func:`_torch_sgemm`)? Needed by ABP's native PMA tail."""
     return available() and not _state["off"] and bool(getattr(_state["lib"], "abp_has_sgemm", False))
+
+
+def flush_denormals(on: bool) -> Optional[bool]:
+    """Turn flush-to-zero and denormals-are-zero on or off for float arithmetic on the calling thread and on every
+    PyTorch intra-op worker thread (x86: MXCSR's FTZ and DAZ bits).
+
+    Sub-normal floats (magnitudes below 1.2e-38) then read and write as zero. On x86 CPUs an operation on or
+    producing one takes a microcode assist, tens of times slower than a normal one. SchNet's backward meets them,
+    for example where the cosine cutoff goes to zero. ``torch.set_flush_denormal`` alone sets the calling thread
+    only, and worker threads that already exist keep their own state.
+
+    Returns the calling thread's previous state (``True`` if both flags were set), or ``None`` where it is not
+    known: without the native library (only the calling thread is set, by ``torch.set_flush_denormal``) and off
+    x86. Raises nothing: on a CPU without these flags, nothing changes.
+    """
+    if available():
+        before = _state["lib"].abp_flush_denormal(int(bool(on)), torch.get_num_threads())
+        if before >= 0:
+            return bool(before)
+    torch.set_flush_denormal(bool(on))
+    return None
 
 
 def _init() -> None:

@@ -42,6 +42,7 @@ spent inside any operator (Python, autograd bookkeeping).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -200,7 +201,7 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
     """Median seconds per phase of a training step for each variant (same batches, interleaved)."""
     import importlib
 
-    tasks, opts, tops = {}, {}, {}
+    tasks, opts, tops, flush = {}, {}, {}, {}
     batches = None
     for ro, readout, package in variants(args):
         train = importlib.import_module(f"{package}.train")
@@ -215,6 +216,8 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
                              dm.train_elements, dm.target_indices).to(device)
         task.train()
         tasks[ro] = task
+        # the trainer's sub-normal setting for the package (a baseline from before it has none: left as it is)
+        flush[ro] = getattr(train, "denormals_flushed", None)
         opt = task.configure_optimizers()
         opts[ro] = opt["optimizer"] if isinstance(opt, dict) else opt
         # the head's and readout's parameters, the readout's block standing for its own when the flat layout gave
@@ -225,14 +228,8 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
     res = {v[0]: {p: [] for p in PHASES} for v in variants(args)}
     clock = time.process_time if device.type == "cpu" else time.perf_counter  # CPU: robust to other load
 
-    def step(ro, batch, record):
-        task, opt, marks = tasks[ro], opts[ro], []
-
-        def mark():
-            synchronize(device)
-            marks.append(clock())
-
-        model = task.model
+    def run(ro, batch, mark):  # one training step, marking the phases' ends
+        task, opt, model = tasks[ro], opts[ro], tasks[ro].model
         opt.zero_grad(set_to_none=True)
         mark()
         h, vec = model.atom_features(batch)
@@ -251,6 +248,16 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
         task.on_before_optimizer_step(opt)  # what Lightning calls between the backward and the step
         opt.step()
         mark()
+
+    def step(ro, batch, record):
+        marks = []
+
+        def mark():
+            synchronize(device)
+            marks.append(clock())
+
+        with flush[ro](device.type == "cpu") if flush[ro] else contextlib.nullcontext():
+            run(ro, batch, mark)
         if record:
             for name, a, b in zip(PHASES, marks, marks[1:]):
                 res[ro][name].append(b - a)

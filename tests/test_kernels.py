@@ -337,3 +337,22 @@ def test_linear_scale_rows_matches_pytorch():
         assert torch.allclose(a, ref, rtol=1e-5, atol=1e-4)
     s3 = s.clone().requires_grad_(True)  # a scale that needs a gradient: PyTorch's ops
     assert not linear_scale_rows(x, w, b, s3).grad_fn.name().startswith("_LinearEpilogue")
+
+
+def test_flush_denormals_reaches_the_worker_threads_and_is_undone():
+    """``torch.set_flush_denormal`` alone sets the calling thread only: the chunk a running worker thread computes
+    keeps its sub-normals (half the elements below on two threads)."""
+    threads = torch.get_num_threads()
+    x = torch.full((1 << 21,), 1e-40)  # sub-normal in float32; large enough to be split across threads
+    torch.set_num_threads(2)
+    try:
+        assert int(((x * 1.0) != 0).sum()) == x.numel()  # kept (and the workers are running from here on)
+        assert kernels.flush_denormals(True) is False
+        assert int(((x * 1.0) != 0).sum()) == 0  # read as zero on every thread
+        assert float(torch.tensor(1e-20) * torch.tensor(1e-20)) == 0.0  # results below 1.2e-38 written as zero
+        assert float(torch.tensor(1e-19) * torch.tensor(1e-19)) == pytest.approx(1e-38)  # normal ones kept
+        assert kernels.flush_denormals(False) is True
+        assert int(((x * 1.0) != 0).sum()) == x.numel()
+    finally:
+        kernels.flush_denormals(False)
+        torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from abp_core import kernels
 from abp_core.config import Config, ConfigError
 from abp_core.train import (AtomisticTask, FlatParameters, NonFiniteLossError, RunConflictError, evaluate, load_task,
                             regression_metrics, run_directory, run_training)
@@ -421,6 +422,29 @@ def test_fit_freezes_the_objects_that_existed_before_and_unfreezes_them_after(tm
         assert gc.get_freeze_count() > 10_000 and not any(o is marker for o in gc.get_objects())
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="without the native library only the calling thread is set")
+def test_training_on_the_cpu_flushes_subnormals_on_all_threads_and_then_restores_them(tmp_path):
+    x = torch.full((1 << 21,), 1e-40)  # sub-normal in float32
+    kept = []
+
+    class Probe(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            kept.append(int(((x * 1.0) != 0).sum()))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_training(tiny_config(tmp_path, "sum", subset=100, max_epochs=1), callbacks=[Probe()])
+        assert kept == [0]
+        assert int(((x * 1.0) != 0).sum()) == x.numel()  # the caller's state after the run
+        res = run_training(tiny_config(tmp_path / "off", "sum", subset=100, max_epochs=1, flush_denormals=False),
+                           callbacks=[Probe()])
+        assert kept == [0, x.numel()]
+        assert res.metrics["config"]["trainer"]["flush_denormals"] is False
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- DDP ---------------------------------------------------------------------------------------------

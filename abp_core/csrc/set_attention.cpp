@@ -25,6 +25,9 @@
 #include <cstring>
 #include <utility>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 namespace {
 
@@ -761,7 +764,29 @@ int abp_set_attention_backward(const float* qkv, const float* bias, const float*
     return launch(P, threads, true);
 }
 
-int abp_set_attention_abi_version() { return 9; }
+int abp_set_attention_abi_version() { return 10; }
+
+// Flush-to-zero and denormals-are-zero (MXCSR bits 15 and 6) on the calling thread and on every thread of the
+// OpenMP pool (PyTorch's intra-op workers: this library shares its libgomp), on or off; returns whether both were
+// set on the calling thread before, or -1 off x86. Why here: torch.set_flush_denormal sets the calling thread only,
+// and a worker that exists already keeps its own state (threads inherit the creator's only when created). On x86 an
+// operation on or producing a sub-normal float takes a microcode assist, tens of times a normal one.
+int abp_flush_denormal(int on, int threads) {
+#if defined(__x86_64__) || defined(__i386__)
+    const unsigned bits = 0x8040u;
+    const int before = (_mm_getcsr() & bits) == bits;
+#pragma omp parallel num_threads(std::max(1, threads))
+    {
+        const unsigned csr = _mm_getcsr();
+        _mm_setcsr(on ? (csr | bits) : (csr & ~bits));
+    }
+    return before;
+#else
+    (void)on;
+    (void)threads;
+    return -1;
+#endif
+}
 
 
 // Linear layer epilogue, in place: z <- h + relu(z + b) (or relu(z + b) if h is null), mask <- (z + b > 0),
