@@ -1264,9 +1264,10 @@ def denormals_flushed(on: bool):
     then restore the previous state. ``on=False`` changes nothing.
 
     Why the trainer does it on the CPU: SchNet's backward meets sub-normal floats (cutoff edges, small gradients),
-    and on x86 each costs a microcode assist. ``benchmarks/epoch.py`` measured the backbone's backward after ABP's
-    readout ~8-12 ms per paper-like step slower than with the same code and a sum-like gradient, and flushing
-    removed the difference. Values below 1.2e-38 become zero, below float32's rounding of any sum they enter.
+    and on x86 each costs a microcode assist. With ABP's gradients its backward ran ~8-12 ms per paper-like step
+    slower than with a sum-like gradient, and flushing removed the difference; both readouts' epochs ran ~10 %
+    faster (``benchmarks/README.md``, seventh pass of ``epoch.py``). Values below 1.2e-38 become zero, below
+    float32's rounding of any sum they enter.
     """
     if not on:
         yield
