@@ -165,6 +165,12 @@ class TrainerConfig:
             assist, and SchNet's backward meets them. ``None`` (default): on when training on the CPU, off on a
             GPU (which handles them at full speed). Changes results only below float32's rounding, so, like
             the device, it is not part of the run's fingerprint.
+        keep_freed_memory: keep memory freed during training in the process for reuse, instead of returning
+            it to the system (glibc's ``mallopt``, :func:`abp_core.allocator.freed_memory_kept`; nothing
+            changes with another C library): otherwise every step's large tensors touch fresh pages, one page
+            fault each (tens of thousands per paper-size SchNet step). The process keeps its peak memory until
+            training ends. ``None`` (default): on when training on the CPU. Results do not change; not part of
+            the run's fingerprint.
     """
 
     lr: float = 1e-4
@@ -194,6 +200,7 @@ class TrainerConfig:
     output_dir: str = "runs"
     progress_bar: bool = True
     flush_denormals: Optional[bool] = None
+    keep_freed_memory: Optional[bool] = None
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "trainer": TrainerConfig}
@@ -201,7 +208,8 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "trainer": TrainerConfig}
 _NOT_IN_FINGERPRINT = {
     "data": {"root"},
     "trainer": {"output_dir", "num_workers", "pin_memory", "progress_bar", "checkpoint_every_n_steps",
-                "accelerator", "devices", "strategy", "flush_denormals"},
+                "accelerator", "devices", "strategy", "flush_denormals",
+                "keep_freed_memory"},
 }
 
 

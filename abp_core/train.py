@@ -69,6 +69,7 @@ from torch_geometric.loader import DataLoader as PygDataLoader
 from torchmetrics import MeanMetric, Metric
 
 from . import __version__
+from .allocator import freed_memory_kept
 from .config import Config, ConfigError
 from .files import StorageError, atomic_open, remove_stale_temporaries, set_aside, write_text
 from .models import build_model
@@ -1281,10 +1282,11 @@ def denormals_flushed(on: bool):
         kernels.flush_denormals(bool(before))
 
 
-def _flush_denormals(cfg: Config, trainer) -> bool:
-    """``trainer.flush_denormals``, its default (``None``) resolved: on when the trainer runs on the CPU."""
-    if cfg.trainer.flush_denormals is not None:
-        return cfg.trainer.flush_denormals
+def _on_the_cpu(setting: Optional[bool], trainer) -> bool:
+    """A CPU-only trainer setting (``flush_denormals``, ``keep_freed_memory``), its default (``None``) resolved:
+    on when the trainer runs on the CPU."""
+    if setting is not None:
+        return setting
     from lightning.pytorch.accelerators import CPUAccelerator
 
     return isinstance(trainer.accelerator, CPUAccelerator)
@@ -1367,7 +1369,8 @@ def run_training(config: Union[Config, Dict[str, Any]], *, dataset=None, transfo
                   f"global step {resumed_from['global_step']}): {why}", file=sys.stderr, flush=True)
     del ck  # Lightning reads the file again; do not hold a second copy of the weights
     with warnings.catch_warnings(), forward_sigusr1(preemption), _long_lived_objects_frozen(), \
-            denormals_flushed(_flush_denormals(cfg, trainer)):
+            denormals_flushed(_on_the_cpu(cfg.trainer.flush_denormals, trainer)), \
+            freed_memory_kept(_on_the_cpu(cfg.trainer.keep_freed_memory, trainer)):
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
         try:

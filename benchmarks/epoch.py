@@ -29,9 +29,10 @@ is the steadier figure.
 
 Profile (``--no-profile`` to skip): where ABP's extra time goes. On batches from the same data
 loader, each phase of a training step is timed on its own (process CPU time on CPU, wall time on a
-GPU; median over steps, interleaved between the readouts): backbone forward, readout forward, head +
-loss, backward through head and readout (``torch.autograd.grad`` to the atom features and the head's
-and readout's parameters), backward through the backbone, optimiser step. Then ``torch.profiler``'s
+GPU; median over steps, interleaved between the readouts; on the CPU with sub-normals flushed and freed
+memory kept, as the trainer runs): backbone forward, readout forward, head + loss, backward through head and
+readout (``torch.autograd.grad`` to the atom features and the head's and readout's parameters), backward
+through the backbone, optimiser step. Then ``torch.profiler``'s
 top operators of ABP's readout (forward + backward) by self time, and the readout's wall time not
 spent inside any operator (Python, autograd bookkeeping).
 
@@ -268,6 +269,63 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
     return {ro: {p: median(v) for p, v in phases.items()} for ro, phases in res.items()}, batches, tasks
 
 
+def _minor_page_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _reset_peak_resident() -> bool:
+    """Reset this process's ``VmHWM`` (Linux ``/proc/self/clear_refs``); ``False`` where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_resident_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def allocator_effect(tasks: dict, batches, rounds: int = 3) -> Dict[str, Dict[str, dict]]:
+    """What keeping freed memory (:func:`abp_core.allocator.freed_memory_kept`, as the trainer does on the CPU)
+    changes in forward + backward steps (no optimiser step) of the ``sum`` and ``abp`` tasks: per readout and mode
+    (``released``: glibc's default, ``kept``) the median CPU ms and minor page faults per step and the peak
+    resident MiB over the steps (``VmHWM`` after resetting it; ``nan`` where the kernel does not allow that). The
+    modes alternate in ``rounds`` blocks of six steps, the first two a warm-up, because the setting is
+    process-wide and leaving it hands the kept memory back. Sub-normals are flushed, as in training."""
+    from abp_core.allocator import freed_memory_kept
+    from abp_core.train import denormals_flushed
+
+    out = {ro: {mode: {"ms": [], "faults": [], "peak": []} for mode in ("released", "kept")} for ro in ("sum", "abp")}
+    with denormals_flushed(True):
+        for r in range(rounds):
+            for ro in ("sum", "abp"):
+                task = tasks[ro]
+                for mode in ("released", "kept") if r % 2 == 0 else ("kept", "released"):
+                    with freed_memory_kept(mode == "kept"):
+                        can_reset = False
+                        for i, batch in enumerate(batches[:6]):
+                            if i == 2:
+                                can_reset = _reset_peak_resident()
+                            t0, f0 = time.process_time(), _minor_page_faults()
+                            h, vec = task.model.atom_features(batch)
+                            pred = task.model.head(task.model.readout(h, vec, dim_size=batch.num_graphs))
+                            torch.nn.functional.l1_loss(pred.float(), task.standardize(batch.y.float())).backward()
+                            task.zero_grad(set_to_none=True)
+                            if i >= 2:
+                                out[ro][mode]["ms"].append((time.process_time() - t0) * 1e3)
+                                out[ro][mode]["faults"].append(_minor_page_faults() - f0)
+                        out[ro][mode]["peak"].append(_peak_resident_mib() if can_reset else float("nan"))
+    return {ro: {mode: {k: median(v) for k, v in d.items()} for mode, d in modes.items()} for ro, modes in out.items()}
+
+
 def analytic_gflop(spec: dict, batches, heads: int) -> Dict[str, float]:
     """Executed matmul + attention GFLOP of one training step (forward + backward = 3x forward, 2 FLOP per
     multiply-add), mean over ``batches``: SchNet's fast path (filter network per undirected pair, three
@@ -445,7 +503,12 @@ def main(argv=None) -> int:
                          "vs sum", "median CPU s", "CPU vs sum", "CPU vs sum, paired", "paired: quartiles"], rows))
         if args.no_profile or "abp" not in args.readouts:
             continue
-        phases, batches, tasks = phase_profile(spec, dataset, args, device, profile_batches)
+        # glibc's allocator keeps freed memory for the whole profile, as the trainer does during `fit` (the
+        # setting is process-wide: a baseline's steps run with it too)
+        from abp_core.allocator import freed_memory_kept
+
+        with freed_memory_kept(device.type == "cpu"):
+            phases, batches, tasks = phase_profile(spec, dataset, args, device, profile_batches)
         labels = [v[0] for v in variants(args)]
         diffs = [s for s in ("", "@baseline") if f"abp{s}" in phases and f"sum{s}" in phases]
         for ro in labels:
@@ -478,6 +541,13 @@ def main(argv=None) -> int:
                   f"{layouts['per-parameter'] * 1e6:.0f} us, the trainer's flat layout (gradients gathered, one tensor) "
                   f"{layouts['flat'] * 1e6:.0f} us: {(layouts['per-parameter'] - layouts['flat']) / tensors * 1e6:.1f} us "
                   f"per tensor saved")
+        if device.type == "cpu":
+            effect = allocator_effect(tasks, batches)
+            for ro, modes in effect.items():
+                rel, kep = modes["released"], modes["kept"]
+                print(f"# freed memory kept (glibc, as the trainer runs on the CPU), {ro}, forward + backward per step: "
+                      f"{rel['faults']:.0f} -> {kep['faults']:.0f} page faults, {rel['ms']:.2f} -> {kep['ms']:.2f} ms "
+                      f"CPU ({kep['ms'] / rel['ms']:.3f}x), peak resident {rel['peak']:.0f} -> {kep['peak']:.0f} MiB")
         table, wall, inside = operator_profile(tasks["abp"], batches, device)
         print(f"\n### {name}: ABP readout forward + backward per batch under torch.profiler: {wall * 1e3:.2f} ms "
               f"wall, {inside * 1e3:.2f} ms inside operators (self time; Python inside an autograd.Function "

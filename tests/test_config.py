@@ -66,7 +66,8 @@ def test_per_readout_hparams_serve_an_experiment_grid():
 def test_fingerprint_ignores_paths_and_workers_but_not_hyperparameters():
     a = Config()
     assert a.fingerprint() == a.with_overrides(["trainer.output_dir=/elsewhere", "trainer.num_workers=4",
-                                                "trainer.progress_bar=false", "trainer.flush_denormals=false"]).fingerprint()
+                                                "trainer.progress_bar=false", "trainer.flush_denormals=false",
+                                                "trainer.keep_freed_memory=true"]).fingerprint()
     assert a.fingerprint() != a.with_overrides(["trainer.lr=0.001"]).fingerprint()
     assert a.fingerprint() != a.with_overrides(["data.split_seed=1"]).fingerprint()
 
@@ -78,6 +79,7 @@ def test_fingerprint_ignores_paths_and_workers_but_not_hyperparameters():
     (["trainer.max_epochs=ten"], r"^trainer\.max_epochs must be an integer, got 'ten'"),
     (["trainer.progress_bar=maybe"], r"^trainer\.progress_bar must be a boolean"),
     (["trainer.flush_denormals=sometimes"], r"^trainer\.flush_denormals must be a boolean \(true/false\) or null"),
+    (["trainer.keep_freed_memory=1"], r"^trainer\.keep_freed_memory must be a boolean \(true/false\) or null"),
     (["trainer.lr=-1"], r"^trainer\.lr must be > 0"),
     (["trainer.loss=huber"], r"^trainer\.loss must be one of \['l1', 'mse'\]"),
     (["trainer.precision=bf17"], r"^trainer\.precision must be one of"),

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from abp_core import kernels
+from abp_core import allocator, kernels
 from abp_core.config import Config, ConfigError
 from abp_core.train import (AtomisticTask, FlatParameters, NonFiniteLossError, RunConflictError, evaluate, load_task,
                             regression_metrics, run_directory, run_training)
@@ -445,6 +445,36 @@ def test_training_on_the_cpu_flushes_subnormals_on_all_threads_and_then_restores
         assert res.metrics["config"]["trainer"]["flush_denormals"] is False
     finally:
         torch.set_num_threads(threads)
+
+
+def test_training_on_the_cpu_keeps_freed_memory_for_reuse_and_then_gives_it_back(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeGlibc:  # records the settings; the allocator's behaviour itself is tested in test_allocator.py
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(allocator, "glibc", lambda: FakeGlibc())
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(allocator.kept())
+
+    run_training(tiny_config(tmp_path, "sum", subset=100, max_epochs=1), callbacks=[Probe()])
+    assert seen == [True] and not allocator.kept()
+    assert calls[:2] == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, allocator.KEEP_TRIM_THRESHOLD)]
+    assert calls[-1] == ("trim", 0)
+    calls.clear()
+    res = run_training(tiny_config(tmp_path / "off", "sum", subset=100, max_epochs=1, keep_freed_memory=False),
+                       callbacks=[Probe()])
+    assert seen == [True, False] and calls == []
+    assert res.metrics["config"]["trainer"]["keep_freed_memory"] is False
 
 
 # ---- DDP ---------------------------------------------------------------------------------------------
