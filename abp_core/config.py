@@ -168,9 +168,9 @@ class TrainerConfig:
         keep_freed_memory: keep memory freed during training in the process for reuse, instead of returning
             it to the system (glibc's ``mallopt``, :func:`abp_core.allocator.freed_memory_kept`; nothing
             changes with another C library): otherwise every step's large tensors touch fresh pages, one page
-            fault each (tens of thousands per paper-size SchNet step). The process keeps its peak memory until
-            training ends. ``None`` (default): on when training on the CPU. Results do not change; not part of
-            the run's fingerprint.
+            fault each (tens of thousands per paper-size SchNet step). The process holds more memory (a 13-18 %
+            higher peak in ``benchmarks/epoch.py``) until training ends. ``None`` (default): on when training on
+            the CPU. Results do not change; not part of the run's fingerprint.
     """
 
     lr: float = 1e-4

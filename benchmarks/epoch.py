@@ -298,7 +298,7 @@ def allocator_effect(tasks: dict, batches, rounds: int = 3) -> Dict[str, Dict[st
     changes in forward + backward steps (no optimiser step) of the ``sum`` and ``abp`` tasks: per readout and mode
     (``released``: glibc's default, ``kept``) the median CPU ms and minor page faults per step and the peak
     resident MiB over the steps (``VmHWM`` after resetting it; ``nan`` where the kernel does not allow that). The
-    modes alternate in ``rounds`` blocks of six steps, the first two a warm-up, because the setting is
+    modes alternate in ``rounds`` blocks of ten steps, the first four a warm-up, because the setting is
     process-wide and leaving it hands the kept memory back. Sub-normals are flushed, as in training."""
     from abp_core.allocator import freed_memory_kept
     from abp_core.train import denormals_flushed
@@ -311,15 +311,16 @@ def allocator_effect(tasks: dict, batches, rounds: int = 3) -> Dict[str, Dict[st
                 for mode in ("released", "kept") if r % 2 == 0 else ("kept", "released"):
                     with freed_memory_kept(mode == "kept"):
                         can_reset = False
-                        for i, batch in enumerate(batches[:6]):
-                            if i == 2:
+                        for i in range(10):
+                            batch = batches[i % len(batches)]  # --quick profiles three
+                            if i == 4:
                                 can_reset = _reset_peak_resident()
                             t0, f0 = time.process_time(), _minor_page_faults()
                             h, vec = task.model.atom_features(batch)
                             pred = task.model.head(task.model.readout(h, vec, dim_size=batch.num_graphs))
                             torch.nn.functional.l1_loss(pred.float(), task.standardize(batch.y.float())).backward()
                             task.zero_grad(set_to_none=True)
-                            if i >= 2:
+                            if i >= 4:
                                 out[ro][mode]["ms"].append((time.process_time() - t0) * 1e3)
                                 out[ro][mode]["faults"].append(_minor_page_faults() - f0)
                         out[ro][mode]["peak"].append(_peak_resident_mib() if can_reset else float("nan"))
@@ -545,8 +546,8 @@ def main(argv=None) -> int:
             effect = allocator_effect(tasks, batches)
             for ro, modes in effect.items():
                 rel, kep = modes["released"], modes["kept"]
-                print(f"# freed memory kept (glibc, as the trainer runs on the CPU), {ro}, forward + backward per step: "
-                      f"{rel['faults']:.0f} -> {kep['faults']:.0f} page faults, {rel['ms']:.2f} -> {kep['ms']:.2f} ms "
+                print(f"# freed memory kept (glibc, as the trainer runs on the CPU), {ro}, forward + backward per "
+                      f"step: {rel['faults']:.0f} -> {kep['faults']:.0f} page faults, {rel['ms']:.2f} -> {kep['ms']:.2f} ms "
                       f"CPU ({kep['ms'] / rel['ms']:.3f}x), peak resident {rel['peak']:.0f} -> {kep['peak']:.0f} MiB")
         table, wall, inside = operator_profile(tasks["abp"], batches, device)
         print(f"\n### {name}: ABP readout forward + backward per batch under torch.profiler: {wall * 1e3:.2f} ms "
