@@ -1,21 +1,28 @@
 """abp_core/allocator.py: freed memory kept in the process (glibc), page faults avoided, settings restored."""
+import json
 import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from abp_core import allocator
 
 glibc_only = pytest.mark.skipif(allocator.glibc() is None, reason="the C library is not glibc")
 
+# Run in a fresh process: whether glibc maps a new block or reuses a hole in its heap depends on everything the
+# process allocated before (earlier tests leave holes that serve a 64 MiB block without faults).
+MEASURE = r"""
+import json, resource, torch
+from abp_core import allocator
+
 BLOCK = 64 << 20  # above glibc's largest mmap threshold (32 MiB): served by mmap unless told otherwise
-PAGES = BLOCK // resource.getpagesize()
 
 
-def page_faults_of_a_fresh_block() -> int:
-    """Minor page faults of allocating, writing and freeing a 64 MiB tensor, after sixteen such tensors were freed
-    (inside a block glibc reuses a freed block's space once its per-thread cache of the small chunks beside them
-    is full: from about the tenth block on here)."""
+def page_faults_of_a_fresh_block():
+    # after sixteen such blocks were freed: inside a block glibc reuses a freed block's space once its per-thread
+    # cache of the small chunks beside them is full, from about the tenth block on
     for _ in range(16):
         torch.empty(BLOCK // 4).fill_(1.0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -23,24 +30,36 @@ def page_faults_of_a_fresh_block() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def resident_mib() -> float:
+def resident_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
 
 
+out = {"pages": BLOCK // resource.getpagesize(), "kept before": allocator.kept()}
+out["faults outside"] = page_faults_of_a_fresh_block()
+out["resident before"] = resident_mib()
+with allocator.freed_memory_kept():
+    out["kept inside"] = allocator.kept()
+    out["faults inside"] = page_faults_of_a_fresh_block()
+    out["resident inside"] = resident_mib()
+out["kept after"] = allocator.kept()
+out["resident after"] = resident_mib()
+print(json.dumps(out))
+"""
+
+
 @glibc_only
 def test_a_freed_block_is_reused_without_page_faults_inside_and_the_memory_is_returned_after():
-    assert not allocator.kept()
-    assert page_faults_of_a_fresh_block() > PAGES // 2  # glibc's default: unmapped on free, fresh pages next time
-    before = resident_mib()
-    with allocator.freed_memory_kept():
-        assert allocator.kept()
-        assert page_faults_of_a_fresh_block() < PAGES // 100
-        held = resident_mib()
-    assert not allocator.kept()
-    half = BLOCK / 2 ** 20 / 2
-    assert held - before >= half  # freed blocks stayed resident inside ...
-    assert held - resident_mib() >= half  # ... and were handed back on exit (malloc_trim)
+    run = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    m = json.loads(run.stdout.strip().splitlines()[-1])
+    pages, half = m["pages"], m["pages"] * resource.getpagesize() / 2 ** 20 / 2
+    assert not m["kept before"] and m["kept inside"] and not m["kept after"]
+    assert m["faults outside"] > pages // 2  # glibc's default: unmapped on free, fresh pages next time
+    assert m["faults inside"] < pages // 100  # kept: the freed block's pages are reused
+    assert m["resident inside"] - m["resident before"] >= half  # freed blocks stayed resident inside ...
+    assert m["resident inside"] - m["resident after"] >= half  # ... and were handed back on exit (malloc_trim)
 
 
 class FakeGlibc:
