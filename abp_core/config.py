@@ -208,8 +208,7 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "trainer": TrainerConfig}
 _NOT_IN_FINGERPRINT = {
     "data": {"root"},
     "trainer": {"output_dir", "num_workers", "pin_memory", "progress_bar", "checkpoint_every_n_steps",
-                "accelerator", "devices", "strategy", "flush_denormals",
-                "keep_freed_memory"},
+                "accelerator", "devices", "strategy", "flush_denormals", "keep_freed_memory"},
 }
 
 

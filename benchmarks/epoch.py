@@ -27,14 +27,13 @@ is the steadier figure.
 ``--baseline DIR`` adds sum and ABP with an older copy of the package (``DIR/abp_core``, imported as
 ``abp_core_baseline``) to the same interleaved rounds: the before/after comparison of a change, side by side.
 
-Profile (``--no-profile`` to skip): where ABP's extra time goes. On batches from the same data
-loader, each phase of a training step is timed on its own (process CPU time on CPU, wall time on a
-GPU; median over steps, interleaved between the readouts; on the CPU with sub-normals flushed and freed
-memory kept, as the trainer runs): backbone forward, readout forward, head + loss, backward through head and
-readout (``torch.autograd.grad`` to the atom features and the head's and readout's parameters), backward
-through the backbone, optimiser step. Then ``torch.profiler``'s
-top operators of ABP's readout (forward + backward) by self time, and the readout's wall time not
-spent inside any operator (Python, autograd bookkeeping).
+Profile (``--no-profile`` to skip): where ABP's extra time goes. On batches from the same data loader, each
+phase of a training step is timed on its own (process CPU time on CPU, wall time on a GPU; median over steps,
+interleaved between the readouts; on the CPU with sub-normals flushed and freed memory kept, as the trainer
+runs): backbone forward, readout forward, head + loss, backward through head and readout
+(``torch.autograd.grad`` to the atom features and the head's and readout's parameters), backward through the
+backbone, optimiser step. Then ``torch.profiler``'s top operators of ABP's readout (forward + backward) by self
+time, and the readout's wall time not spent inside any operator (Python, autograd bookkeeping).
 
     .venv/bin/python benchmarks/epoch.py --threads 1            # default run (~10 min on one core)
     .venv/bin/python benchmarks/epoch.py --quick                # CI smoke run (tiny model, seconds)
@@ -547,8 +546,9 @@ def main(argv=None) -> int:
             for ro, modes in effect.items():
                 rel, kep = modes["released"], modes["kept"]
                 print(f"# freed memory kept (glibc, as the trainer runs on the CPU), {ro}, forward + backward per "
-                      f"step: {rel['faults']:.0f} -> {kep['faults']:.0f} page faults, {rel['ms']:.2f} -> {kep['ms']:.2f} ms "
-                      f"CPU ({kep['ms'] / rel['ms']:.3f}x), peak resident {rel['peak']:.0f} -> {kep['peak']:.0f} MiB")
+                      f"step: {rel['faults']:.0f} -> {kep['faults']:.0f} page faults, "
+                      f"{rel['ms']:.2f} -> {kep['ms']:.2f} ms CPU ({kep['ms'] / rel['ms']:.3f}x), "
+                      f"peak resident {rel['peak']:.0f} -> {kep['peak']:.0f} MiB")
         table, wall, inside = operator_profile(tasks["abp"], batches, device)
         print(f"\n### {name}: ABP readout forward + backward per batch under torch.profiler: {wall * 1e3:.2f} ms "
               f"wall, {inside * 1e3:.2f} ms inside operators (self time; Python inside an autograd.Function "
