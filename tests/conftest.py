@@ -40,3 +40,29 @@ def qm7b_molecules(qm7b):
         out.append(d)
     return out
 
+
+
+class FakeGlibc:
+    """Stands in for :func:`abp_core.allocator.glibc` and records the allocator settings it is given (what glibc
+    then does with them is tested in tests/test_allocator.py, in a fresh process)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.fixture
+def fake_glibc(monkeypatch) -> FakeGlibc:
+    """``abp_core.allocator`` talking to a :class:`FakeGlibc` instead of the process's C library."""
+    from abp_core import allocator
+
+    fake = FakeGlibc()
+    monkeypatch.setattr(allocator, "glibc", lambda: fake)
+    return fake

@@ -62,26 +62,6 @@ def test_a_freed_block_is_reused_without_page_faults_inside_and_the_memory_is_re
     assert m["resident inside"] - m["resident after"] >= half  # ... and were handed back on exit (malloc_trim)
 
 
-class FakeGlibc:
-    def __init__(self):
-        self.calls = []
-
-    def mallopt(self, param, value):
-        self.calls.append(("mallopt", param, value))
-        return 1
-
-    def malloc_trim(self, pad):
-        self.calls.append(("malloc_trim", pad))
-        return 1
-
-
-@pytest.fixture
-def fake_glibc(monkeypatch):
-    fake = FakeGlibc()
-    monkeypatch.setattr(allocator, "glibc", lambda: fake)
-    return fake
-
-
 KEEP = [("mallopt", allocator.M_MMAP_MAX, 0), ("mallopt", allocator.M_TRIM_THRESHOLD, 2 ** 31 - 1)]
 RESTORE = [("mallopt", allocator.M_MMAP_MAX, 65536), ("mallopt", allocator.M_MMAP_THRESHOLD, 128 * 1024),
            ("mallopt", allocator.M_TRIM_THRESHOLD, 128 * 1024), ("malloc_trim", 0)]

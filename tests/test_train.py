@@ -447,24 +447,7 @@ def test_training_on_the_cpu_flushes_subnormals_on_all_threads_and_then_restores
         torch.set_num_threads(threads)
 
 
-class FakeGlibc:
-    """Records the allocator's settings (its behaviour itself is tested in tests/test_allocator.py)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def mallopt(self, param, value):
-        self.calls.append((param, value))
-        return 1
-
-    def malloc_trim(self, pad):
-        self.calls.append(("trim", pad))
-        return 1
-
-
-def test_training_on_the_cpu_keeps_freed_memory_for_reuse_and_then_gives_it_back(tmp_path, monkeypatch):
-    fake = FakeGlibc()
-    monkeypatch.setattr(allocator, "glibc", lambda: fake)
+def test_training_on_the_cpu_keeps_freed_memory_for_reuse_and_then_gives_it_back(tmp_path, fake_glibc):
     seen = []
 
     class Probe(L.Callback):
@@ -473,25 +456,26 @@ def test_training_on_the_cpu_keeps_freed_memory_for_reuse_and_then_gives_it_back
 
     run_training(tiny_config(tmp_path, "sum", subset=100, max_epochs=1), callbacks=[Probe()])
     assert seen == [True] and not allocator.kept()
-    assert fake.calls[:2] == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, allocator.KEEP_TRIM_THRESHOLD)]
-    assert fake.calls[-1] == ("trim", 0)
+    assert fake_glibc.calls[:2] == [("mallopt", allocator.M_MMAP_MAX, 0),
+                                    ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.KEEP_TRIM_THRESHOLD)]
+    assert fake_glibc.calls[-1] == ("malloc_trim", 0)
     res = run_training(tiny_config(tmp_path / "off", "sum", subset=100, max_epochs=1, keep_freed_memory=False),
                        callbacks=[Probe()])
     assert seen == [True, False]  # (the evaluation after training keeps it either way)
     assert res.metrics["config"]["trainer"]["keep_freed_memory"] is False
 
 
-def test_evaluation_on_the_cpu_keeps_freed_memory_and_gives_the_same_predictions(tmp_path, monkeypatch):
+def test_evaluation_on_the_cpu_keeps_freed_memory_and_gives_the_same_predictions(tmp_path, request, monkeypatch):
     res = run_training(tiny_config(tmp_path, "abp", subset=100, max_epochs=1))
     task, ds = load_task(res.run_dir / "best.ckpt"), _test_set(res)
-    plain = evaluate(task, ds, 4, "cpu")
-    monkeypatch.setattr(allocator, "glibc", lambda: FakeGlibc())
+    kept = evaluate(task, ds, 4, "cpu")  # glibc's settings really changed (where the C library is glibc)
+    request.getfixturevalue("fake_glibc")  # from here on the settings are only recorded: glibc's defaults stay
     seen = []
     forward = task.predict_physical
     monkeypatch.setattr(task, "predict_physical", lambda batch: seen.append(allocator.kept()) or forward(batch))
-    kept = evaluate(task, ds, 4, "cpu")
+    released = evaluate(task, ds, 4, "cpu")
     assert len(seen) > 1 and all(seen) and not allocator.kept()
-    np.testing.assert_array_equal(kept["y_pred"], plain["y_pred"])
+    np.testing.assert_array_equal(kept["y_pred"], released["y_pred"])
 
 
 # ---- DDP ---------------------------------------------------------------------------------------------
