@@ -42,6 +42,7 @@ and if ``last.ckpt`` holds the very weights that produced it, the previous ``las
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import gc
 import json
@@ -790,11 +791,20 @@ class _Compose:
 
 
 class _SelectColumns:
-    def __init__(self, columns):
+    """``data.y`` reduced to the training targets' columns, on a copy of the molecule.
+
+    The copy is shallow (PyG's convention for transforms): the other tensors stay views of the dataset's storage,
+    which the collation into a batch copies anyway. A deep copy (``Data.clone``) was ~40 % of the data loader's
+    time per molecule, ~2.5 ms of a quickstart training step (``benchmarks/README.md``, ninth pass). With
+    ``copy_tensors`` (a caller's own transform follows, which might edit a tensor in place) every tensor is
+    copied, so the dataset is never changed."""
+
+    def __init__(self, columns, copy_tensors: bool = False):
         self.columns = list(columns)
+        self.copy_tensors = copy_tensors
 
     def __call__(self, data):
-        data = data.clone()
+        data = data.clone() if self.copy_tensors else copy.copy(data)
         data.y = data.y[:, self.columns]
         return data
 
@@ -895,7 +905,7 @@ class AtomisticDataModule(L.LightningDataModule):
         self.target_mean = self.standardizer.mean.tolist()
         self.target_std = self.standardizer.std.tolist()
         self.train_elements = _elements(ds, train)
-        transforms = [_SelectColumns(cols)]
+        transforms = [_SelectColumns(cols, copy_tensors=self.extra_transform is not None)]
         if d.orbital_labels:
             from .orbitals import AttachOrbitalLabels
 

@@ -246,6 +246,37 @@ def test_two_targets_and_the_standardiser_from_the_training_split(tmp_path):
     assert m["split_sizes"] == {"train": 80, "val": 10, "test": 10}
 
 
+def test_target_selection_copies_only_y_unless_a_callers_transform_follows(tmp_path):
+    """The loader's molecules share the dataset's tensors (a deep copy per molecule was ~40 % of its time); a
+    caller's transform, which may edit tensors in place, gets copies, so the dataset itself never changes."""
+    from abp_core.train import AtomisticDataModule
+
+    def shift_in_place(data):
+        data.pos += 1.0  # an in-place augmentation
+        return data
+
+    cfg = tiny_config(tmp_path, subset=100, max_epochs=1)
+    plain = AtomisticDataModule(cfg)
+    plain.setup()
+    storage = plain.dataset._data
+    mol = plain.train_set[0]
+    row = int(mol.idx)
+    raw = plain.dataset[row]
+    assert mol.y.shape == (1, 1) and torch.equal(mol.y, raw.y[:, plain.target_indices])
+    assert raw.y.shape[1] > 1  # the dataset keeps every target
+    assert mol.pos.untyped_storage().data_ptr() == storage.pos.untyped_storage().data_ptr()  # shared, not copied
+
+    before = storage.pos.clone()
+    edited = AtomisticDataModule(cfg, transform=shift_in_place)
+    edited.setup()
+    mol = edited.train_set[0]
+    assert mol.pos.untyped_storage().data_ptr() != edited.dataset._data.pos.untyped_storage().data_ptr()
+    assert torch.equal(mol.pos, edited.dataset[int(mol.idx)].pos + 1.0)
+    for _ in edited.train_dataloader():
+        pass
+    assert torch.equal(edited.dataset._data.pos, before)
+
+
 def _split_rows(cfg):
     from abp_core.train import AtomisticDataModule
 

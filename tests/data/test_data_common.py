@@ -244,6 +244,11 @@ def test_select_targets_transform(shared_root):
     ds_sel = get_dataset("qm7b", root=shared_root, transform=sel)
     assert ds_sel[3].y.shape == (1, 2)
     assert torch.equal(ds_sel[3].y, ds[3].y[:, [5, 0]])
+    # a shallow copy: the molecule passed in keeps all its targets, and its other tensors are shared, not copied
+    mol = ds[3]
+    out = sel(mol)
+    assert out is not mol and mol.y.shape == (1, 14) and out.y.shape == (1, 2)
+    assert out.pos.data_ptr() == mol.pos.data_ptr() and out.z.data_ptr() == mol.z.data_ptr()
 
 
 # ---------------------------------------------------------------------------------------------------
