@@ -268,6 +268,29 @@ def phase_profile(spec: dict, dataset, args, device, num_batches: int):
     return {ro: {p: median(v) for p, v in phases.items()} for ro, phases in res.items()}, batches, tasks
 
 
+def loader_times(spec: dict, dataset, args, device, passes: int = 5) -> Dict[str, float]:
+    """Median seconds of CPU time per batch of one pass over the trainer's training loader (the same for every
+    readout), for this package and the baseline's if one is given: passes interleaved, after one warm-up pass."""
+    import importlib
+
+    packages = ["abp_core"] + ([BASELINE] if args.baseline else [])
+    loaders = {}
+    for package in packages:
+        train = importlib.import_module(f"{package}.train")
+        dm = train.AtomisticDataModule(make_config(spec, "sum", 1, tempfile.gettempdir(), device, package),
+                                       dataset=dataset)
+        dm.setup()
+        loaders[package] = dm.train_dataloader()
+    res: Dict[str, List[float]] = {p: [] for p in packages}
+    for i in range(passes + 1):
+        for package in (packages if i % 2 == 0 else packages[::-1]):
+            t0 = time.process_time()
+            n = sum(1 for _ in loaders[package])
+            if i > 0:
+                res[package].append((time.process_time() - t0) / n)
+    return {p: median(v) for p, v in res.items()}
+
+
 def _minor_page_faults() -> int:
     import resource
 
@@ -535,6 +558,12 @@ def main(argv=None) -> int:
               f"readout (forward, backward with the head's) {t_ro * 1e3:.2f} ms, sum's {sum_ro * 1e3:.2f} ms; so any exact "
               f"float32 ABP costs at least {bound * 1e3:.2f} ms per step more than sum here: an epoch ratio of at least "
               f"{1 + bound / per_step:.3f}x (sum's epoch: {per_step * 1e3:.1f} ms per train step)")
+        loading = loader_times(spec, dataset, args, device)
+        was = (f", baseline {loading[BASELINE] * 1e3:.2f} ms (now / baseline {loading['abp_core'] / loading[BASELINE]:.3f}x)"
+               if BASELINE in loading else "")
+        print(f"# data loading (the trainer's training loader, CPU time of one pass per batch, median of 5 passes): "
+              f"{loading['abp_core'] * 1e3:.2f} ms{was}; {loading['abp_core'] / per_step:.0%} of sum's epoch per "
+              f"train step, the same for every readout")
         for ro in ("sum", "abp"):
             layouts, tensors = optimizer_layouts(tasks[ro], device), len(list(tasks[ro].parameters()))
             print(f"# fused Adam step of the {ro} model's {tensors} parameter tensors: one entry per tensor "

@@ -73,6 +73,9 @@ def test_epoch_benchmark_quick(bench, capsys):
                          r"the trainer's flat layout \(gradients gathered, one tensor\) (\d+) us", out)
     assert [m[0] for m in layouts] == ["sum", "abp"] and all(int(m[2]) > 0 and int(m[3]) > 0 for m in layouts)
     assert int(layouts[1][1]) > int(layouts[0][1])  # ABP adds parameter tensors
+    loading = re.findall(r"# data loading \(the trainer's training loader, CPU time of one pass per batch, median of 5 "
+                         r"passes\): ([\d.]+) ms; (\d+)% of sum's epoch per train step", out)
+    assert len(loading) == 1 and float(loading[0][0]) > 0 and 0 < int(loading[0][1]) < 100
 
 
 def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):
