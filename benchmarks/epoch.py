@@ -32,7 +32,8 @@ phase of a training step is timed on its own (process CPU time on CPU, wall time
 interleaved between the readouts; on the CPU with sub-normals flushed and freed memory kept, as the trainer
 runs): backbone forward, readout forward, head + loss, backward through head and readout
 (``torch.autograd.grad`` to the atom features and the head's and readout's parameters), backward through the
-backbone, optimiser step. Then ``torch.profiler``'s top operators of ABP's readout (forward + backward) by self
+backbone, optimiser step. A line gives the trainer's training loader alone (CPU time of one pass per batch,
+the same for every readout; against the baseline's when given). Then ``torch.profiler``'s top operators of ABP's readout (forward + backward) by self
 time, and the readout's wall time not spent inside any operator (Python, autograd bookkeeping).
 
     .venv/bin/python benchmarks/epoch.py --threads 1            # default run (~10 min on one core)
