@@ -42,7 +42,6 @@ and if ``last.ckpt`` holds the very weights that produced it, the previous ``las
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import gc
 import json
@@ -790,25 +789,6 @@ class _Compose:
         return f"Compose({self.transforms})"
 
 
-class _SelectColumns:
-    """``data.y`` reduced to the training targets' columns, on a copy of the molecule.
-
-    The copy is shallow (PyG's convention for transforms): the other tensors stay views of the dataset's storage,
-    which the collation into a batch copies anyway. A deep copy (``Data.clone``) was ~40 % of the data loader's
-    time per molecule, ~2.5 ms of a quickstart training step (``benchmarks/README.md``, ninth pass). With
-    ``copy_tensors`` (a caller's own transform follows, which might edit a tensor in place) every tensor is
-    copied, so the dataset is never changed."""
-
-    def __init__(self, columns, copy_tensors: bool = False):
-        self.columns = list(columns)
-        self.copy_tensors = copy_tensors
-
-    def __call__(self, data):
-        data = data.clone() if self.copy_tensors else copy.copy(data)
-        data.y = data.y[:, self.columns]
-        return data
-
-
 def _targets_matrix(dataset) -> torch.Tensor:
     if hasattr(dataset, "targets") and callable(dataset.targets):
         return dataset.targets()
@@ -905,7 +885,10 @@ class AtomisticDataModule(L.LightningDataModule):
         self.target_mean = self.standardizer.mean.tolist()
         self.target_std = self.standardizer.std.tolist()
         self.train_elements = _elements(ds, train)
-        transforms = [_SelectColumns(cols, copy_tensors=self.extra_transform is not None)]
+        from .data.common import SelectTargets
+
+        # a caller's own transform follows, which might edit a tensor in place: then every tensor is copied
+        transforms = [SelectTargets(ds, cols, copy_tensors=self.extra_transform is not None)]
         if d.orbital_labels:
             from .orbitals import AttachOrbitalLabels
 

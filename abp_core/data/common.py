@@ -652,18 +652,23 @@ class SelectTargets:
     """Transform keeping some target columns: ``data.y`` becomes [1, len(targets)].
 
     It returns a shallow copy (as PyG's transforms do): the molecule passed in keeps its ``y``, and the other
-    tensors are shared with it, not copied (a deep copy cost ~40 % of the loader's time per molecule)."""
+    tensors are shared with it, not copied. A deep copy (``Data.clone``) was ~40 % of the trainer's data loader's
+    time per molecule, ~2.5 ms of a quickstart training step (``benchmarks/README.md``, ninth pass). With
+    ``copy_tensors`` every tensor is copied: for a transform after this one that edits tensors in place, so that
+    the dataset itself never changes (the trainer sets it when its caller passes a transform)."""
 
-    def __init__(self, dataset: MolecularDataset | Sequence[str], targets: Sequence[int | str] | int | str):
+    def __init__(self, dataset: MolecularDataset | Sequence[str], targets: Sequence[int | str] | int | str,
+                 copy_tensors: bool = False):
         names = dataset.target_names if hasattr(dataset, "target_names") else list(dataset)
         aliases = dataset.meta.get("target_aliases", {}) if hasattr(dataset, "meta") else {}
         if isinstance(targets, (int, str)):
             targets = [targets]
         self.columns = [target_index(names, t, aliases) for t in targets]
         self.names = [names[c] for c in self.columns]
+        self.copy_tensors = copy_tensors
 
     def __call__(self, data: Data) -> Data:
-        data = copy.copy(data)
+        data = data.clone() if self.copy_tensors else copy.copy(data)
         data.y = data.y[:, self.columns]
         return data
 

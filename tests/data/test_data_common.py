@@ -249,6 +249,9 @@ def test_select_targets_transform(shared_root):
     out = sel(mol)
     assert out is not mol and mol.y.shape == (1, 14) and out.y.shape == (1, 2)
     assert out.pos.data_ptr() == mol.pos.data_ptr() and out.z.data_ptr() == mol.z.data_ptr()
+    # copy_tensors: every tensor copied, for transforms after it that edit in place
+    deep = SelectTargets(ds, ["homo_PBE0", 0], copy_tensors=True)(mol)
+    assert torch.equal(deep.y, out.y) and torch.equal(deep.pos, mol.pos) and deep.pos.data_ptr() != mol.pos.data_ptr()
 
 
 # ---------------------------------------------------------------------------------------------------
