@@ -33,8 +33,9 @@ interleaved between the readouts; on the CPU with sub-normals flushed and freed 
 runs): backbone forward, readout forward, head + loss, backward through head and readout
 (``torch.autograd.grad`` to the atom features and the head's and readout's parameters), backward through the
 backbone, optimiser step. A line gives the trainer's training loader alone (CPU time of one pass per batch,
-the same for every readout; against the baseline's when given). Then ``torch.profiler``'s top operators of ABP's readout (forward + backward) by self
-time, and the readout's wall time not spent inside any operator (Python, autograd bookkeeping).
+the same for every readout; against the baseline's when given). Then ``torch.profiler``'s top operators of
+ABP's readout (forward + backward) by self time, and the readout's wall time not spent inside any operator
+(Python, autograd bookkeeping).
 
     .venv/bin/python benchmarks/epoch.py --threads 1            # default run (~10 min on one core)
     .venv/bin/python benchmarks/epoch.py --quick                # CI smoke run (tiny model, seconds)
@@ -559,12 +560,14 @@ def main(argv=None) -> int:
               f"readout (forward, backward with the head's) {t_ro * 1e3:.2f} ms, sum's {sum_ro * 1e3:.2f} ms; so any exact "
               f"float32 ABP costs at least {bound * 1e3:.2f} ms per step more than sum here: an epoch ratio of at least "
               f"{1 + bound / per_step:.3f}x (sum's epoch: {per_step * 1e3:.1f} ms per train step)")
-        loading = loader_times(spec, dataset, args, device)
-        was = (f", baseline {loading[BASELINE] * 1e3:.2f} ms (now / baseline {loading['abp_core'] / loading[BASELINE]:.3f}x)"
+        passes = 5
+        loading = loader_times(spec, dataset, args, device, passes)
+        now = loading["abp_core"]
+        was = (f", baseline {loading[BASELINE] * 1e3:.2f} ms (now / baseline {now / loading[BASELINE]:.3f}x)"
                if BASELINE in loading else "")
-        print(f"# data loading (the trainer's training loader, CPU time of one pass per batch, median of 5 passes): "
-              f"{loading['abp_core'] * 1e3:.2f} ms{was}; {loading['abp_core'] / per_step:.0%} of sum's epoch per "
-              f"train step, the same for every readout")
+        print(f"# data loading (the trainer's training loader, CPU time of one pass per batch, median of {passes} "
+              f"passes): {now * 1e3:.2f} ms{was}; {now / per_step:.0%} of sum's epoch per train step, the same for "
+              f"every readout")
         for ro in ("sum", "abp"):
             layouts, tensors = optimizer_layouts(tasks[ro], device), len(list(tasks[ro].parameters()))
             print(f"# fused Adam step of the {ro} model's {tensors} parameter tensors: one entry per tensor "
