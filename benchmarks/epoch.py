@@ -33,7 +33,11 @@ interleaved between the readouts; on the CPU with sub-normals flushed and freed 
 runs): backbone forward, readout forward, head + loss, backward through head and readout
 (``torch.autograd.grad`` to the atom features and the head's and readout's parameters), backward through the
 backbone, optimiser step. A line gives the trainer's training loader alone (CPU time of one pass per batch,
-the same for every readout; against the baseline's when given). Then ``torch.profiler``'s top operators of
+the same for every readout; against the baseline's when given). Another splits ABP's readout in a hot loop
+(forward + backward per batch, alternating) into its two native calls alone and the same through the module and
+autograd: the difference is the Python, ctypes and autograd work around the native calls, and the line gives the
+epoch ratio the step profile predicts with and without it (the latter a bound: an autograd node in Python has a
+fixed cost of its own). Then ``torch.profiler``'s top operators of
 ABP's readout (forward + backward) by self time, and the readout's wall time not spent inside any operator
 (Python, autograd bookkeeping).
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import shutil
 import sys
 import tempfile
@@ -434,6 +439,72 @@ def optimizer_layouts(task, device, repeats: int = 40) -> Dict[str, float]:
     return {k: median(v) for k, v in times.items()}
 
 
+def native_split(task, batches, device, repeats: int = 5):
+    """Median seconds per batch of ABP's readout forward + backward in a hot loop, measured two ways, alternating:
+    ``(native, module)``. ``native``: its two native calls alone (csrc's ``abp_readout_forward`` and
+    ``abp_readout_backward``, on arguments prepared beforehand). ``module``: the module call and autograd's
+    backward (``readout(x, batch).backward(g)``), which adds the Python, ctypes and autograd work around the same
+    calls. ``None`` unless the readout runs as one native call each way here (CPU, float32, q|k|v kept)."""
+    import ctypes
+
+    from abp_core import kernels, native_readout
+    from abp_core.allocator import freed_memory_kept
+    from abp_core.readouts import set_attention_path
+
+    readout = task.model.readout
+    if device.type != "cpu" or not kernels.available() or not kernels.has_blas():
+        return None
+    lib, cases = kernels._lib(), []
+    for b in batches:
+        x = task.model.atom_features(b)[0].detach().requires_grad_()
+        path = set_attention_path(x, readout.hidden_channels, readout.heads, readout.pma._dropout())
+        ps = native_readout.parameters(readout, x, path)
+        if ps is None or readout.recomputes(x.size(0)):
+            return None
+        starts, sizes, _ = kernels.batch_table(b.batch.long(), b.num_graphs)
+        plan = native_readout._WholePlan(lib, readout, starts, sizes)
+        out, (dims, ws, wb) = native_readout._whole_forward(plan, x.detach(), ps)
+        grads = [torch.empty_like(p) for p in ps]
+        table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
+        gtable = (ctypes.c_int64 * len(ps))(*[g.data_ptr() for g in grads])
+        cases.append((x, b.batch, b.num_graphs, dims, table, gtable, starts, sizes, ws, wb, out, torch.ones_like(out),
+                      torch.empty_like(x), grads))
+
+    def native():
+        for x, _, _, dims, table, gtable, starts, sizes, ws, wb, out, g, gx, _ in cases:
+            lib.abp_readout_forward(dims, table, x.data_ptr(), starts.data_ptr(), sizes.data_ptr(), ws.data_ptr(),
+                                    wb.data_ptr(), out.data_ptr())
+            lib.abp_readout_backward(dims, table, gtable, x.data_ptr(), starts.data_ptr(), sizes.data_ptr(),
+                                     ws.data_ptr(), wb.data_ptr(), out.data_ptr(), g.data_ptr(), gx.data_ptr())
+
+    block = readout.__dict__.get("_parameter_block", (None,))[0]  # the trainer's flat layout, when it set one
+
+    def module():
+        for x, vec, m, *_, g, _, _ in cases:
+            x.grad = None
+            if block is not None:  # as after a training step's gather_grads: the gradient is taken, not added to
+                block.grad = None
+            readout(x, vec, dim_size=m).backward(g)
+
+    times = {"native": [], "module": []}
+    gc.collect()
+    gc.disable()  # a full collection here walks the benchmark's own leftovers (in training: ~0.4 % of an epoch)
+    try:
+        # freed memory kept, as the trainer runs: otherwise every fresh workspace is page-faulted in (~0.8 ms a batch)
+        with freed_memory_kept():
+            for i in range(repeats + 1):
+                for name, run in (("native", native), ("module", module)):
+                    t0 = time.process_time()
+                    run()
+                    if i:  # the first pass warms both up
+                        times[name].append((time.process_time() - t0) / len(cases))
+    finally:
+        gc.enable()
+    for p in [*readout.parameters(), *([block] if block is not None else [])]:  # what the module passes left
+        p.grad = None
+    return median(times["native"]), median(times["module"])
+
+
 def operator_profile(task, batches, device, top: int = 12):
     """``torch.profiler`` table of the readout's forward + backward (top operators by self time), and
     its wall time under the profiler spent outside any operator (both include the profiler's own overhead)."""
@@ -560,6 +631,15 @@ def main(argv=None) -> int:
               f"readout (forward, backward with the head's) {t_ro * 1e3:.2f} ms, sum's {sum_ro * 1e3:.2f} ms; so any exact "
               f"float32 ABP costs at least {bound * 1e3:.2f} ms per step more than sum here: an epoch ratio of at least "
               f"{1 + bound / per_step:.3f}x (sum's epoch: {per_step * 1e3:.1f} ms per train step)")
+        split = native_split(tasks["abp"], batches, device)
+        if split is not None:
+            native, module = split
+            extra = phases["abp"]["= model step"] - phases["sum"]["= model step"]
+            print(f"# ABP's readout forward + backward in a hot loop, alternating: its two native calls alone "
+                  f"{native * 1e3:.2f} ms per batch, through the module and autograd {module * 1e3:.2f} ms: the work "
+                  f"around the native calls is {(module - native) * 1e3:.2f} ms; the step profile's ABP - sum "
+                  f"{extra * 1e3:+.2f} ms per step predicts an epoch ratio of about {1 + extra / per_step:.3f}x, "
+                  f"{1 + max(extra - module + native, 0.0) / per_step:.3f}x without that work")
         passes = 5
         loading = loader_times(spec, dataset, args, device, passes)
         now = loading["abp_core"]

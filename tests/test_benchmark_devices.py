@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from abp_core import kernels
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))
 
@@ -76,6 +78,15 @@ def test_epoch_benchmark_quick(bench, capsys):
     loading = re.findall(r"# data loading \(the trainer's training loader, CPU time of one pass per batch, median of 5 "
                          r"passes\): ([\d.]+) ms; (\d+)% of sum's epoch per train step", out)
     assert len(loading) == 1 and float(loading[0][0]) > 0 and 0 < int(loading[0][1]) < 100
+    split = re.findall(r"# ABP's readout forward \+ backward in a hot loop, alternating: its two native calls alone "
+                       r"([\d.]+) ms per batch, through the module and autograd ([\d.]+) ms: the work around the "
+                       r"native calls is (-?[\d.]+) ms; .* about ([\d.]+)x, ([\d.]+)x without that work", out)
+    if kernels.available() and kernels.has_blas():  # the quick model's readout runs as one native call each way
+        native, module, work, ratio, without = (float(v) for v in split[0])
+        assert len(split) == 1 and native > 0 and module > 0 and abs(module - native - work) < 0.011
+        assert without <= ratio
+    else:
+        assert not split
 
 
 def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):
