@@ -36,6 +36,24 @@ if str(ROOT) not in sys.path:
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
+#: The package name an older copy of abp_core is imported under (``--baseline DIR`` of epoch.py and attention.py).
+BASELINE = "abp_core_baseline"
+
+
+def load_baseline(folder: str) -> None:
+    """Import ``folder/abp_core`` (an older copy of the package, e.g. ``git archive <rev> abp_core | tar -x -C
+    folder``) as the package ``abp_core_baseline``, next to the current one (its imports are relative; its native
+    kernels are built from its own ``csrc``)."""
+    import importlib.util
+
+    init = Path(folder).expanduser().resolve() / "abp_core" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {folder}: no abp_core/__init__.py there")
+    spec = importlib.util.spec_from_file_location(BASELINE, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BASELINE] = module
+    spec.loader.exec_module(module)
+
 
 def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
                 device: torch.device = torch.device("cpu")) -> Dict[str, List[float]]:

@@ -17,12 +17,19 @@ the device's matmul peak, the largest relative difference to the first row (outp
 and one summary line. ``set_attention_path`` in ``abp_core/readouts.py`` picks the path from these
 measurements on CPU.
 
+``--baseline DIR`` (CPU) adds ``native@baseline``: the native kernel of an older copy of the package
+(``DIR/abp_core``, its kernel built from its own ``csrc``), interleaved with the current one, and prints whether
+their outputs and gradients are bitwise equal: how a change to the kernel is judged (same numbers, time ratio
+measured side by side).
+
     .venv/bin/python benchmarks/attention.py           # ~30 s
     .venv/bin/python benchmarks/attention.py --quick   # CI-size smoke run
+    git archive HEAD abp_core | tar -x -C /tmp/base && .venv/bin/python benchmarks/attention.py --baseline /tmp/base
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -30,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import add_device_argument, fmt_table, interleaved, machine_line, matmul_peak, median, resolve_device  # noqa: E402,E501
+from _common import (BASELINE, add_device_argument, fmt_table, interleaved, load_baseline, machine_line,  # noqa: E402
+                     matmul_peak, median, resolve_device)
 
 DISTRIBUTIONS = {"qm9": (9, 29), "qmugs": (40, 228)}
 
@@ -57,9 +65,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny CI-size run")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also time the native kernel of an older copy of the package in DIR/abp_core (e.g. "
+                         "`git archive <rev> abp_core | tar -x -C DIR`), interleaved with the current one (CPU)")
     add_device_argument(ap)
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
+    if args.baseline and device.type != "cpu":
+        ap.error("--baseline compares native kernels, which run on the CPU only")
     batch, channels, heads = (16, 64, 4) if args.quick else (128, 256, 16)
     repeats = args.repeats or (2 if args.quick else 15)
     torch.set_num_threads(args.threads)
@@ -68,12 +81,20 @@ def main(argv=None) -> int:
         print(f"SUMMARY attention: native kernel unavailable ({kernels.unavailable_reason()})")
         return 1
     impls = ("flash", "native", "padded") if cpu else ("blocks", "padded")
+    old_kernel = None
+    if args.baseline:
+        load_baseline(args.baseline)
+        old_kernel = importlib.import_module(f"{BASELINE}.kernels")
+        if not old_kernel.available():
+            print(f"SUMMARY attention: the baseline's native kernel is unavailable ({old_kernel.unavailable_reason()})")
+            return 1
+        impls = ("flash", "native", "native@baseline", "padded")
     print(f"# per-molecule self-attention of one SAB, forward + backward: {', '.join(impls)} "
           f"(batch {batch}, width {channels}, {heads} heads)")
     print(f"# {machine_line(args.threads, device)}" + ("" if cpu else "; the native kernel is CPU-only"))
     peak = matmul_peak(1024 if args.quick else 2048, device=device)
     print(f"# matmul peak (2048^2): fp32 {peak['fp32']:.0f} GFLOP/s")
-    rows, summary = [], []
+    rows, summary, same = [], [], []
     for dist in DISTRIBUTIONS:
         qkv, go, bias, blocks, sizes = problem(dist, batch, channels)
         qkv, go, bias = qkv.to(device), go.to(device), bias.to(device)
@@ -114,6 +135,18 @@ def main(argv=None) -> int:
                                                                    column_sums=True)
             fns["flash fwd"] = lambda: _flash_forward(torch.add(qkv, bias, out=staged), blocks, heads)
             fns["flash bwd"] = lambda: _flash_backward(go, biased, flash_out, lses, blocks, heads, grad).sum(0)
+            if old_kernel is not None:  # the baseline's kernel on the same inputs, into its own buffers
+                old_table, old_grad = old_kernel.molecule_table(blocks), torch.empty_like(qkv)
+                old_out, old_lse = old_kernel.attention_forward(qkv, old_table, heads, bias=bias)
+                old_grad, old_sums = old_kernel.attention_backward(go, qkv, old_out, old_lse, old_table, heads,
+                                                                   old_grad, bias=bias, column_sums=True)
+                results["native@baseline"] = (old_out.clone(), old_grad.clone())
+                same.append(f"{dist} " + str(all(torch.equal(a, b) for a, b in zip(
+                    (out, lse, native_grad, sums), (old_out, old_lse, old_grad, old_sums)))))
+                fns["native@baseline fwd"] = lambda: old_kernel.attention_forward(qkv, old_table, heads,
+                                                                                  out=old_out, bias=bias)
+                fns["native@baseline bwd"] = lambda: old_kernel.attention_backward(
+                    go, qkv, old_out, old_lse, old_table, heads, old_grad, bias=bias, column_sums=True)
         else:
             autograd_pair("blocks", lambda t: packed_self_attention(t, blocks_layout, heads, force_generic=True))
         autograd_pair("padded", lambda t: padded_self_attention(t, padded_layout, heads))
@@ -131,8 +164,17 @@ def main(argv=None) -> int:
                          f"{base / total:.2f}x" if impl != first else "", f"{diff[impl]:.1e}" if impl != first else ""])
         summary.append(f"{dist} " + ", ".join(
             f"{impl} {base / (t[f'{impl} fwd'] + t[f'{impl} bwd']):.2f}x" for impl in impls[1:]) + f" vs {first}")
+        if old_kernel is not None:  # paired: the two kernels ran one after the other in every repeat
+            now, was = ([f + b for f, b in zip(times[f"{k} fwd"], times[f"{k} bwd"])]
+                        for k in ("native", "native@baseline"))
+            summary.append(f"{dist} native time / native@baseline {median([a / b for a, b in zip(now, was)]):.3f}x "
+                           f"(paired; forward {t['native fwd'] / t['native@baseline fwd']:.3f}x, backward "
+                           f"{t['native bwd'] / t['native@baseline bwd']:.3f}x by the medians)")
     print(fmt_table(["sizes", "kernel", "fwd ms", "bwd ms", "fwd GFLOP/s", "bwd GFLOP/s",
                      f"speed-up vs {impls[0]} (fwd+bwd)", "max rel diff"], rows))
+    if same:
+        print("# native vs native@baseline, outputs, log-sum-exps, gradients and bias gradients bitwise equal: "
+              + ", ".join(same))
     print(f"# GFLOP: 4 C sum(n^2) forward, 2.5x that backward (recomputed scores); matmul peak fp32 "
           f"{peak['fp32']:.0f} GFLOP/s" + ("; flash times include adding the bias and summing its gradient" if cpu
                                            else ""))

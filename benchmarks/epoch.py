@@ -61,7 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import add_device_argument, fmt_table, machine_line, median, resolve_device, synchronize  # noqa: E402
+from _common import (BASELINE, add_device_argument, fmt_table, load_baseline, machine_line, median,  # noqa: E402
+                     resolve_device, synchronize)
 
 READOUTS = ("sum", "wa", "abp")
 HOMO = "homo"
@@ -77,23 +78,6 @@ def configs(args) -> Dict[str, dict]:
                       abp={}),
     }
     return {k: v for k, v in out.items() if k in args.configs}
-
-
-BASELINE = "abp_core_baseline"
-
-
-def load_baseline(folder: str) -> None:
-    """Import ``folder/abp_core`` (an older copy of the package, e.g. ``git archive <rev> abp_core | tar -x -C
-    folder``) as the package ``abp_core_baseline``, next to the current one (its imports are relative)."""
-    import importlib.util
-
-    init = Path(folder).expanduser().resolve() / "abp_core" / "__init__.py"
-    if not init.is_file():
-        raise SystemExit(f"--baseline {folder}: no abp_core/__init__.py there")
-    spec = importlib.util.spec_from_file_location(BASELINE, init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[BASELINE] = module
-    spec.loader.exec_module(module)
 
 
 def variants(args) -> List[tuple]:

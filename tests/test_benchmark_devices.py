@@ -105,6 +105,40 @@ def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):
     assert "abp@baseline" in out and "quick abp epoch now / baseline" in out.splitlines()[-1]
 
 
+def _attention_against(bench, capsys, folder) -> str:
+    threads = torch.get_num_threads()
+    try:
+        assert bench("attention").main(["--quick", "--threads", "1", "--device", "cpu", "--baseline", str(folder)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        for name in [m for m in sys.modules if m == "abp_core_baseline" or m.startswith("abp_core_baseline.")]:
+            del sys.modules[name]
+    return capsys.readouterr().out
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the native kernels")
+def test_attention_benchmark_against_a_baseline_copy(bench, capsys, tmp_path):
+    """attention.py --baseline times an older copy's native kernel beside the current one and says whether their
+    numbers are bitwise equal: the same code is, a copy whose kernel output differs is not."""
+    import re
+
+    out = _attention_against(bench, capsys, BENCH.parent)  # this package as its own baseline
+    for dist in ("qm9", "qmugs"):
+        assert re.search(rf"\|\s+{dist} \|\s+native@baseline \|(\s+[\d.]+ \|){{4}}", out), out
+    assert "bitwise equal: qm9 True, qmugs True" in out
+    summary = out.rstrip().splitlines()[-1]
+    ratios = re.findall(r"(qm9|qmugs) native time / native@baseline ([\d.]+)x \(paired", summary)
+    assert [d for d, _ in ratios] == ["qm9", "qmugs"] and all(float(r) > 0 for _, r in ratios)
+
+    import shutil
+    copy = tmp_path / "abp_core"  # the same kernel source (no new build), its forward's output nudged after the call
+    shutil.copytree(BENCH.parent / "abp_core", copy, ignore=shutil.ignore_patterns("__pycache__", "pretrained_models"))
+    with open(copy / "kernels.py", "a") as f:
+        f.write("\n\n_forward = attention_forward\n\n\ndef attention_forward(*args, **kwargs):\n"
+                "    out, lse = _forward(*args, **kwargs)\n    return out.add_(1e-3), lse\n")
+    assert "bitwise equal: qm9 False, qmugs False" in _attention_against(bench, capsys, tmp_path)
+
+
 def test_epoch_rounds_alternate_the_order_and_pair_epochs_within_a_round(bench, monkeypatch):
     """A B, B A, A B: a host that speeds up over the run must not favour the variant that always runs first; the
     paired ratios divide epochs of the same round and index."""
