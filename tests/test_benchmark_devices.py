@@ -90,6 +90,12 @@ def test_epoch_benchmark_quick(bench, capsys):
         assert not split
 
 
+def _forget_baseline() -> None:
+    """Drop the baseline copy a --baseline run imported, so that the next run imports its own."""
+    for name in [m for m in sys.modules if m == "abp_core_baseline" or m.startswith("abp_core_baseline.")]:
+        del sys.modules[name]
+
+
 def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):
     """--baseline imports another copy of the package (here: this one) and interleaves it with the current one."""
     root = BENCH.parent
@@ -99,8 +105,7 @@ def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):
                                     "sum", "abp", "--baseline", str(root)]) == 0
     finally:
         torch.set_num_threads(threads)
-        for name in [m for m in sys.modules if m == "abp_core_baseline" or m.startswith("abp_core_baseline.")]:
-            del sys.modules[name]
+        _forget_baseline()
     out = capsys.readouterr().out
     assert "abp@baseline" in out and "quick abp epoch now / baseline" in out.splitlines()[-1]
 
@@ -111,8 +116,7 @@ def _attention_against(bench, capsys, folder) -> str:
         assert bench("attention").main(["--quick", "--threads", "1", "--device", "cpu", "--baseline", str(folder)]) == 0
     finally:
         torch.set_num_threads(threads)
-        for name in [m for m in sys.modules if m == "abp_core_baseline" or m.startswith("abp_core_baseline.")]:
-            del sys.modules[name]
+        _forget_baseline()
     return capsys.readouterr().out
 
 
