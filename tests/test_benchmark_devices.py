@@ -90,34 +90,24 @@ def test_epoch_benchmark_quick(bench, capsys):
         assert not split
 
 
-def _forget_baseline() -> None:
-    """Drop the baseline copy a --baseline run imported, so that the next run imports its own."""
-    for name in [m for m in sys.modules if m == "abp_core_baseline" or m.startswith("abp_core_baseline.")]:
-        del sys.modules[name]
+def _run_against_baseline(bench, capsys, script: str, args, folder) -> str:
+    """``script``'s output for ``args --baseline folder`` (quick, one thread, CPU); afterwards the thread count is
+    restored and the imported baseline copy dropped, so that the next run imports its own."""
+    threads = torch.get_num_threads()
+    try:
+        assert bench(script).main(["--quick", "--threads", "1", "--device", "cpu", *args,
+                                   "--baseline", str(folder)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        for name in [m for m in sys.modules if m == "abp_core_baseline" or m.startswith("abp_core_baseline.")]:
+            del sys.modules[name]
+    return capsys.readouterr().out
 
 
 def test_epoch_benchmark_against_a_baseline_copy(bench, capsys):
     """--baseline imports another copy of the package (here: this one) and interleaves it with the current one."""
-    root = BENCH.parent
-    threads = torch.get_num_threads()
-    try:
-        assert bench("epoch").main(["--quick", "--threads", "1", "--device", "cpu", "--no-profile", "--readouts",
-                                    "sum", "abp", "--baseline", str(root)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-        _forget_baseline()
-    out = capsys.readouterr().out
+    out = _run_against_baseline(bench, capsys, "epoch", ["--no-profile", "--readouts", "sum", "abp"], BENCH.parent)
     assert "abp@baseline" in out and "quick abp epoch now / baseline" in out.splitlines()[-1]
-
-
-def _attention_against(bench, capsys, folder) -> str:
-    threads = torch.get_num_threads()
-    try:
-        assert bench("attention").main(["--quick", "--threads", "1", "--device", "cpu", "--baseline", str(folder)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-        _forget_baseline()
-    return capsys.readouterr().out
 
 
 @pytest.mark.skipif(not kernels.available(), reason="needs the native kernels")
@@ -126,7 +116,7 @@ def test_attention_benchmark_against_a_baseline_copy(bench, capsys, tmp_path):
     numbers are bitwise equal: the same code is, a copy whose kernel output differs is not."""
     import re
 
-    out = _attention_against(bench, capsys, BENCH.parent)  # this package as its own baseline
+    out = _run_against_baseline(bench, capsys, "attention", [], BENCH.parent)  # this package as its own baseline
     for dist in ("qm9", "qmugs"):
         assert re.search(rf"\|\s+{dist} \|\s+native@baseline \|(\s+[\d.]+ \|){{4}}", out), out
     assert "bitwise equal: qm9 True, qmugs True" in out
@@ -140,7 +130,7 @@ def test_attention_benchmark_against_a_baseline_copy(bench, capsys, tmp_path):
     with open(copy / "kernels.py", "a") as f:
         f.write("\n\n_forward = attention_forward\n\n\ndef attention_forward(*args, **kwargs):\n"
                 "    out, lse = _forward(*args, **kwargs)\n    return out.add_(1e-3), lse\n")
-    assert "bitwise equal: qm9 False, qmugs False" in _attention_against(bench, capsys, tmp_path)
+    assert "bitwise equal: qm9 False, qmugs False" in _run_against_baseline(bench, capsys, "attention", [], tmp_path)
 
 
 def test_epoch_rounds_alternate_the_order_and_pair_epochs_within_a_round(bench, monkeypatch):
