@@ -19,10 +19,18 @@ its ratio to sum's, with the train steps per epoch, and the same for the process
 (with one thread the contention-robust cross-check: other processes' load inflates wall times, not it),
 and a paired CPU ratio: the median over epochs of each epoch's CPU time over the sum epoch of the same round
 and index, which a host whose speed drifts between rounds (a shared VM) distorts less than the ratio of
-medians, with its quartiles (the noise band: a goal is met only if it holds over the band, not just at the
-median). Odd rounds run the variants in reverse order (A B, B A, ...), so that a drift over the run does not
-favour the variant that runs first. Where even that scatters, the phase profile below (interleaved step by step)
-is the steadier figure.
+medians, with its quartiles (the noise band: how far single epochs scatter) and the median's distribution-free 95 %
+confidence interval (the median is shown below a goal when the interval's upper end is). Odd rounds run the
+variants in reverse order (A B, B A, ...), so that a drift over the run does not favour the variant that runs
+first.
+
+Inside the epochs: a callback splits each epoch's CPU time by Lightning's hooks (training_step, backward, optimizer
+step, between steps, validation) and times the readout's own forward and backward. The phase between steps (the
+loader's collation and Lightning's logging) is the same work whatever the readout, so it is a probe of the host's
+speed in that very epoch: the **host-normalised ratio** divides each epoch's CPU time by it before pairing. On a
+shared host whose speed drifts by 20-30 % between runs seconds apart, that ratio's quartiles are several times
+narrower than the plain paired ratio's, and it is the figure the goals are judged by. The table beside it gives
+what each phase adds over sum's, as a share of sum's epoch.
 
 ``--baseline DIR`` adds sum and ABP with an older copy of the package (``DIR/abp_core``, imported as
 ``abp_core_baseline``) to the same interleaved rounds: the before/after comparison of a change, side by side.
@@ -115,6 +123,47 @@ def quartiles(values: List[float]) -> tuple:
     return float(q1), float(q3)
 
 
+def median_interval(values: List[float], confidence: float = 0.95) -> tuple:
+    """Distribution-free confidence interval of the median (order statistics, ``scipy.stats.quantile_test``): a
+    goal on the paired ratio is shown beyond the noise when the interval's upper end is below it. Needs enough
+    values: below 6 the 95 % interval is not defined (``nan``), at 6 to 8 it spans all of them."""
+    from scipy.stats import quantile_test
+
+    ci = quantile_test([float(v) for v in values], p=0.5).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
+
+
+def host_normalized(run: dict, base: dict) -> List[float]:
+    """Paired epoch ratios with the host's speed divided out: each epoch's CPU time over its own between-steps time
+    (:data:`PROBE`: the loader and Lightning's logging, which no readout changes, spread over the whole epoch), this
+    variant's over sum's of the same round and index. A shared host whose speed drifts by 20-30 % between runs
+    seconds apart moves both terms of a quotient alike. Empty if a probe is 0 (no time measured)."""
+    probes = [e[PROBE] for e in run["phases"]] + [e[PROBE] for e in base["phases"]]
+    if not probes or min(probes) <= 0:
+        return []
+    return [(a / pa[PROBE]) / (b / pb[PROBE])
+            for a, pa, b, pb in zip(run["cpu"], run["phases"], base["cpu"], base["phases"])]
+
+
+def phase_shares(run: dict, base: dict, key: str, phase: str) -> List[float]:
+    """Per epoch pair, ``phase``'s time (``key``: ``"phases"`` or ``"parts"``) in this variant minus in sum, each
+    over its epoch's :data:`PROBE` time, as a share of sum's epoch over the same: what the phase adds to the
+    host-normalised ratio (:func:`host_normalized`)."""
+    if not host_normalized(run, base):
+        return []
+    return [(ra[phase] / pa[PROBE] - rb[phase] / pb[PROBE]) / (b / pb[PROBE])
+            for b, ra, rb, pa, pb in zip(base["cpu"], run[key], base[key], run["phases"], base["phases"])]
+
+
+def model_share(base: dict) -> float:
+    """Median share of sum's epoch CPU time spent in its training steps' forward, backward and optimizer step
+    (:data:`TRAINER_PHASES`): what scales the step profile's per-step difference to an epoch ratio with ratios
+    measured in the same epochs (absolute step times from the profile and the epochs come from different minutes
+    of a host whose speed drifts). Includes Lightning's own work inside ``training_step`` (logging, metrics)."""
+    steps = TRAINER_PHASES[:3]
+    return median([sum(e[p] for p in steps) / c for e, c in zip(base["phases"], base["cpu"])])
+
+
 def load_dataset(spec: dict, cache: dict):
     from abp_core.data import get_dataset
 
@@ -124,30 +173,102 @@ def load_dataset(spec: dict, cache: dict):
     return cache[key]
 
 
+#: Where the CPU time of a training epoch goes inside the trainer (:func:`_cpu_clock`), in the order they add up to it.
+TRAINER_PHASES = ("forward (training_step)", "backward", "optimizer step", "between steps (loader, logging)",
+                  "validation")
+#: The readout's own share of those (its forward in training and validation steps; its backward with the head's).
+READOUT_PARTS = ("readout forward", "head + readout backward")
+#: The host-speed probe: the phase no readout changes (the loader's collation and Lightning's per-step logging).
+PROBE = "between steps (loader, logging)"
+
+
 def _cpu_clock():
     """Lightning callback recording the process's CPU time per epoch (train start to validation end), next
     to the trainer's wall-clock ``epoch_time_s``: with one thread it equals the wall time on an idle
     machine and leaves out the time spent waiting for a CPU; it still grows when another process shares
-    the core (SMT siblings) or, in a VM, when the host takes the virtual CPU away (steal)."""
+    the core (SMT siblings) or, in a VM, when the host takes the virtual CPU away (steal).
+
+    Per epoch it also splits that time into :data:`TRAINER_PHASES` by Lightning's hooks (``training_step`` with
+    the zeroing of gradients, from ``on_train_batch_start`` to ``on_before_backward``; the backward; the optimizer
+    step with ``on_before_optimizer_step``, up to ``on_train_batch_end``; everything between two steps; the
+    validation loop), and times the readout's forward (module hooks) and its backward with the head's (from
+    ``on_before_backward`` until the gradient of the readout's input is computed). ``phases`` and ``parts`` hold
+    one dict of seconds per epoch."""
     from lightning.pytorch.callbacks import Callback
+
+    clk = time.process_time
 
     class CpuClock(Callback):
         def __init__(self):
             self.times: List[float] = []
-            self._t0 = None
+            self.phases: List[Dict[str, float]] = []
+            self.parts: List[Dict[str, float]] = []
+            self._t0 = self._mark = None
+            self._phase = None
+            self._handles = []
+
+        def _switch(self, phase):  # charge the time since the last mark to the running phase
+            now = clk()
+            if self._phase is not None and self.phases:
+                self.phases[-1][self._phase] += now - self._mark
+            self._phase, self._mark = phase, now
+
+        def on_fit_start(self, trainer, pl_module):
+            readout = pl_module.model.readout
+
+            def before(module, args):
+                self._fwd = clk()
+
+            def after(module, args, out):
+                if self._t0 is None or trainer.sanity_checking:
+                    return
+                self.parts[-1]["readout forward"] += clk() - self._fwd
+                x = args[0] if args else None
+                if isinstance(x, torch.Tensor) and x.requires_grad:
+                    x.register_hook(self._input_grad)
+
+            self._handles = [readout.register_forward_pre_hook(before), readout.register_forward_hook(after)]
+
+        def _input_grad(self, grad):
+            self.parts[-1]["head + readout backward"] += clk() - self._mark  # the mark: on_before_backward
+
+        def on_fit_end(self, trainer, pl_module):
+            for h in self._handles:
+                h.remove()
 
         def on_train_epoch_start(self, trainer, pl_module):
-            self._t0 = time.process_time()
+            self._t0 = clk()
+            self.phases.append(dict.fromkeys(TRAINER_PHASES, 0.0))
+            self.parts.append(dict.fromkeys(READOUT_PARTS, 0.0))
+            self._phase, self._mark = PROBE, self._t0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._switch("forward (training_step)")
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self._switch("backward")
+
+        def on_after_backward(self, trainer, pl_module):
+            self._switch("optimizer step")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._switch(PROBE)
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self._switch("validation")
 
         def on_validation_end(self, trainer, pl_module):
             if self._t0 is not None and not trainer.sanity_checking:
-                self.times.append(time.process_time() - self._t0)
+                self._switch(None)
+                self.times.append(clk() - self._t0)
 
     return CpuClock()
 
 
 def epoch_times(spec: dict, dataset, args, device) -> Dict[str, Dict[str, List[float]]]:
-    """Epoch wall and CPU times (s) per variant from interleaved fresh runs of the real trainer."""
+    """Epoch wall and CPU times (s) per variant from interleaved fresh runs of the real trainer, and each epoch's
+    CPU time by trainer phase and the readout's part of it (:func:`_cpu_clock`)."""
     import csv
     import importlib
     import logging
@@ -156,7 +277,8 @@ def epoch_times(spec: dict, dataset, args, device) -> Dict[str, Dict[str, List[f
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")  # start-up chatter, the same for every readout
-    times: Dict[str, Dict[str, List[float]]] = {v[0]: {"wall": [], "cpu": []} for v in variants(args)}
+    times: Dict[str, Dict[str, list]] = {v[0]: {"wall": [], "cpu": [], "phases": [], "parts": []}
+                                         for v in variants(args)}
     root = Path(tempfile.mkdtemp(prefix="abp-epoch-bench-"))
     steps = {}
     try:
@@ -174,6 +296,8 @@ def epoch_times(spec: dict, dataset, args, device) -> Dict[str, Dict[str, List[f
                 first = 1 if rnd == 0 else 0  # the very first epoch: warm-up
                 times[label]["wall"].extend(float(r["epoch_time_s"]) for r in rows[first:])
                 times[label]["cpu"].extend(clock.times[first:])
+                times[label]["phases"].extend(clock.phases[first:])
+                times[label]["parts"].extend(clock.parts[first:])
                 steps[label] = int(rows[0]["global_step"])
                 shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -516,6 +640,33 @@ def operator_profile(task, batches, device, top: int = 12):
     return table, wall / len(feats), self_total / len(feats)
 
 
+def print_trainer_phases(name: str, times: dict, steps: int, args) -> None:
+    """The epochs' CPU time by trainer phase (ms per train step, medians over the epochs), what each phase adds
+    over sum's as a share of sum's epoch after dividing out the host's speed, and the host-normalised ratio."""
+    labels = [v[0] for v in variants(args)]
+    others = [ro for ro in labels if not ro.startswith("sum")]
+
+    def base(ro):
+        return times["sum" + ro[ro.index("@"):] if "@" in ro else "sum"]
+
+    rows = []
+    for key, phase in [("phases", p) for p in TRAINER_PHASES] + [("parts", p) for p in READOUT_PARTS]:
+        cells = [f"{median([e[phase] for e in times[ro][key]]) / steps * 1e3:.2f}" for ro in labels]
+        shares = [phase_shares(times[ro], base(ro), key, phase) for ro in others]
+        rows.append([phase if key == "phases" else f"  of which {phase}", *cells,
+                     *(f"{median(v) * 100:+.1f} %" if v else "n/a" for v in shares)])
+    total = [f"{median(times[ro]['cpu']) / steps * 1e3:.2f}" for ro in labels]
+    normed = [host_normalized(times[ro], base(ro)) for ro in others]
+    rows.append(["= epoch", *total, *(f"{(median(v) - 1) * 100:+.1f} %" if v else "n/a" for v in normed)])
+    print(f"\n### {name}: inside the trainer's epochs, phase by phase (CPU ms per train step, median over the "
+          f"epochs; the last columns: what the phase adds over sum's, % of sum's epoch, each epoch divided by its "
+          f"own between-steps time, which no readout changes)")
+    print(fmt_table(["phase", *labels, *(f"{ro} - sum" for ro in others)], rows))
+    share = model_share(times["sum"])
+    print(f"# sum's training steps (forward, backward, optimizer) are {share:.0%} of its epoch's CPU time "
+          f"(median over {len(times['sum']['cpu'])} epochs); the rest is the loader, logging and validation")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model and data (CI smoke run, seconds)")
@@ -561,13 +712,20 @@ def main(argv=None) -> int:
             # each epoch over the sum epoch of the same round and index (run seconds apart): robust to the
             # machine's speed drifting between rounds (a shared host), where the ratio of medians is not
             ratios = [a / b for a, b in zip(cpu, times["sum" + suffix]["cpu"])]
-            paired, (q1, q3) = median(ratios), quartiles(ratios)
+            paired, (q1, q3), (lo, hi) = median(ratios), quartiles(ratios), median_interval(ratios)
+            ci = f"{lo:.3f}-{hi:.3f}" if lo == lo else "n/a (< 6 epochs)"
             rows.append([name, ro, f"{t:.2f}", f"{min(wall):.2f}", f"{max(wall):.2f}", len(wall),
                          f"{t / steps * 1e3:.1f}", f"{t / base['wall']:.3f}x", f"{c:.2f}",
-                         f"{c / base['cpu']:.3f}x", f"{paired:.3f}x", f"{q1:.3f}-{q3:.3f}"])
+                         f"{c / base['cpu']:.3f}x", f"{paired:.3f}x", f"{q1:.3f}-{q3:.3f}", ci])
             if readout != "sum":
+                hn = host_normalized(times[ro], times["sum" + suffix])
+                host = ""
+                if hn:
+                    (h1, h3), (hlo, hhi) = quartiles(hn), median_interval(hn)
+                    hci = f"{hlo:.3f}-{hhi:.3f}" if hlo == hlo else "n/a (< 6 epochs)"
+                    host = f", host-normalised {median(hn):.3f}x, quartiles {h1:.3f}-{h3:.3f}, 95 % CI {hci}"
                 summary.append(f"{name} {ro} {t / base['wall']:.3f}x (CPU time {c / base['cpu']:.3f}x, "
-                               f"paired {paired:.3f}x, quartiles {q1:.3f}-{q3:.3f})")
+                               f"paired {paired:.3f}x, quartiles {q1:.3f}-{q3:.3f}, 95 % CI of the median {ci}{host})")
         if args.baseline:
             for ro in ("sum", "abp"):
                 if ro in args.readouts:
@@ -580,7 +738,9 @@ def main(argv=None) -> int:
               f"batch {spec['batch']}, ABP {spec['abp'] or 'defaults'}; {steps} train steps per epoch; "
               f"{args.rounds} round(s) x {args.epochs_per_run} epochs ({time.perf_counter() - t0:.0f} s)")
         print(fmt_table(["config", "readout", "median epoch s", "min s", "max s", "epochs", "ms / train step",
-                         "vs sum", "median CPU s", "CPU vs sum", "CPU vs sum, paired", "paired: quartiles"], rows))
+                         "vs sum", "median CPU s", "CPU vs sum", "CPU vs sum, paired", "paired: quartiles",
+                         "paired: 95 % CI of median"], rows))
+        print_trainer_phases(name, times, steps, args)
         if args.no_profile or "abp" not in args.readouts:
             continue
         # glibc's allocator keeps freed memory for the whole profile, as the trainer does during `fit` (the
@@ -609,12 +769,17 @@ def main(argv=None) -> int:
         floor = matmul_floor(spec, batches, device)
         # readout + head backward of sum: what ABP's readout replaces, plus the (shared) head
         sum_ro = phases["sum"]["readout forward"] + phases["sum"]["backward: head + readout"]
-        per_step = median(times["sum"]["cpu" if device.type == "cpu" else "wall"]) / steps
+        # a per-step difference from the profile as a share of sum's epoch: relative to sum's model step in the
+        # same profile, times the model step's share of sum's epoch measured in the epochs (ratios only: the
+        # profile and the epochs ran minutes apart on a host whose speed drifts)
+        share = model_share(times["sum"])
+        per_step = phases["sum"]["= model step"] / share
         bound = max(floor - sum_ro, 0.0)
         print(f"# ABP's atom-wise matmuls alone (torch.mm at the same shapes): {floor * 1e3:.2f} ms per step; ABP's "
               f"readout (forward, backward with the head's) {t_ro * 1e3:.2f} ms, sum's {sum_ro * 1e3:.2f} ms; so any exact "
               f"float32 ABP costs at least {bound * 1e3:.2f} ms per step more than sum here: an epoch ratio of at least "
-              f"{1 + bound / per_step:.3f}x (sum's epoch: {per_step * 1e3:.1f} ms per train step)")
+              f"{1 + bound / per_step:.3f}x (sum's model step {phases['sum']['= model step'] * 1e3:.2f} ms is "
+              f"{share:.0%} of its epoch)")
         split = native_split(tasks["abp"], batches, device)
         if split is not None:
             native, module = split

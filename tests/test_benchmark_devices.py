@@ -60,16 +60,24 @@ def test_unavailable_device_is_refused_before_any_work(bench, script, args, caps
 
 def test_epoch_benchmark_quick(bench, capsys):
     """benchmarks/epoch.py end to end (tiny model): the real trainer's epochs, ratios, the phase profile."""
-    threads = torch.get_num_threads()
+    threads, epoch = torch.get_num_threads(), bench("epoch")
     try:
-        assert bench("epoch").main(["--quick", "--threads", "1", "--device", "cpu"]) == 0
+        assert epoch.main(["--quick", "--threads", "1", "--device", "cpu"]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-1].startswith("SUMMARY epoch: quick wa ")
     for text in ("median epoch s", "CPU vs sum", "readout forward", "backward: head + readout", "optimizer step",
-                 "inside operators"):
+                 "inside operators", "95 % CI of median", "95 % CI of the median n/a (< 6 epochs)", "host-normalised"):
         assert text in out, text
+    # the trainer's phases (one epoch per readout here, so medians are the values) add up to the epoch
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in out.split("inside the trainer's epochs")[1]
+        .split("\n\n")[0].splitlines() if line.startswith("|") and "---" not in line)}
+    for col in range(3):  # sum, wa, abp
+        parts = sum(float(rows[p][col]) for p in epoch.TRAINER_PHASES)
+        assert parts == pytest.approx(float(rows["= epoch"][col]), abs=0.06), col  # five values rounded to 0.01
+        assert 0 < float(rows["of which readout forward"][col]) < parts
     import re
     layouts = re.findall(r"fused Adam step of the (\w+) model's (\d+) parameter tensors: one entry per tensor (\d+) us, "
                          r"the trainer's flat layout \(gradients gathered, one tensor\) (\d+) us", out)
@@ -149,6 +157,8 @@ def test_epoch_rounds_alternate_the_order_and_pair_epochs_within_a_round(bench, 
         t = next(speed) * (1.5 if cfg.model.readout == "abp" else 1.0)  # each run slower than the one before
         (run_dir / "history.csv").write_text(f"epoch,epoch_time_s,global_step\n0,{t},10\n1,{t},20\n")
         callbacks[0].times.extend([t, t])
+        callbacks[0].phases.extend([{epoch.PROBE: t / 10}] * 2)
+        callbacks[0].parts.extend([{}] * 2)
         return types.SimpleNamespace(run_dir=run_dir)
 
     monkeypatch.setattr("abp_core.train.run_training", fake_run_training)
@@ -162,3 +172,48 @@ def test_epoch_rounds_alternate_the_order_and_pair_epochs_within_a_round(bench, 
     # adds to ABP's time, in the next to sum's
     assert ratios[:3] == [3.0, 1.125, 1.125] and ratios[3:5] == [6 * 1.5 / 5] * 2
     assert epoch.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    # each epoch's probe scales with its run here, so dividing it out leaves nothing: the drift is all host speed
+    assert epoch.host_normalized(times["abp"], times["sum"]) == pytest.approx([1.0] * 7)
+
+
+def test_epoch_host_normalisation_divides_out_a_drifting_host(bench):
+    """Epochs whose every phase is slowed by the host alike (by 0.8-1.4x, differently in each run) give the same
+    host-normalised ratio as a steady host; each phase's share is its extra time over sum's epoch, and the shares
+    add up to the ratio."""
+    epoch = bench("epoch")
+    sum_phases = dict(zip(epoch.TRAINER_PHASES, (10.0, 6.0, 1.0, 4.0, 2.0)))
+    abp_phases = dict(zip(epoch.TRAINER_PHASES, (12.0, 8.0, 1.3, 4.0, 2.2)))
+    sum_parts = dict(zip(epoch.READOUT_PARTS, (0.2, 0.5)))
+    abp_parts = dict(zip(epoch.READOUT_PARTS, (2.0, 2.4)))
+
+    def epochs(phases, parts, speeds):
+        return {"cpu": [sum(phases.values()) * s for s in speeds],
+                "phases": [{k: v * s for k, v in phases.items()} for s in speeds],
+                "parts": [{k: v * s for k, v in parts.items()} for s in speeds]}
+
+    run_sum = epochs(sum_phases, sum_parts, [1.0, 1.4, 0.8, 1.1])
+    run_abp = epochs(abp_phases, abp_parts, [1.3, 0.8, 1.2, 1.0])
+    raw = [a / b for a, b in zip(run_abp["cpu"], run_sum["cpu"])]
+    assert max(raw) - min(raw) > 0.5  # the raw paired ratios scatter with the host
+    assert epoch.host_normalized(run_abp, run_sum) == pytest.approx([27.5 / 23.0] * 4)
+    shares = {p: epoch.phase_shares(run_abp, run_sum, "phases", p) for p in epoch.TRAINER_PHASES}
+    assert shares["forward (training_step)"] == pytest.approx([2.0 / 23.0] * 4)
+    assert shares[epoch.PROBE] == pytest.approx([0.0] * 4)
+    assert sum(v[0] for v in shares.values()) == pytest.approx(27.5 / 23.0 - 1.0)
+    assert epoch.phase_shares(run_abp, run_sum, "parts", "readout forward") == pytest.approx([1.8 / 23.0] * 4)
+    assert epoch.model_share(run_sum) == pytest.approx(17.0 / 23.0)
+    run_sum["phases"][2][epoch.PROBE] = 0.0  # no probe time measured: no normalised ratio rather than a division by 0
+    assert epoch.host_normalized(run_abp, run_sum) == [] and epoch.phase_shares(run_abp, run_sum, "parts",
+                                                                               "readout forward") == []
+
+
+def test_epoch_median_interval_is_the_order_statistics_interval(bench):
+    """The paired ratios' 95 % interval of the median: for 12 values the 3rd and 10th smallest (binomial(12, 1/2)
+    puts 96.1 % between them), whatever the order; not defined for 5 values; it widens as the values spread."""
+    epoch = bench("epoch")
+    values = [1.00 + 0.01 * i for i in range(12)]
+    assert epoch.median_interval(list(reversed(values))) == pytest.approx((values[2], values[9]))
+    low, high = epoch.median_interval(values[:5])
+    assert low != low and high != high  # nan: five values cannot bound the median at 95 %
+    tight, wide = epoch.median_interval([1.05] * 6 + [1.06] * 6), epoch.median_interval(values)
+    assert tight[1] - tight[0] < wide[1] - wide[0]
