@@ -138,18 +138,23 @@ def host_normalized(run: dict, base: dict) -> List[float]:
     (:data:`PROBE`: the loader and Lightning's logging, which no readout changes, spread over the whole epoch), this
     variant's over sum's of the same round and index. A shared host whose speed drifts by 20-30 % between runs
     seconds apart moves both terms of a quotient alike. Empty if a probe is 0 (no time measured)."""
-    probes = [e[PROBE] for e in run["phases"]] + [e[PROBE] for e in base["phases"]]
-    if not probes or min(probes) <= 0:
+    if not _probed(run, base):
         return []
     return [(a / pa[PROBE]) / (b / pb[PROBE])
             for a, pa, b, pb in zip(run["cpu"], run["phases"], base["cpu"], base["phases"])]
+
+
+def _probed(run: dict, base: dict) -> bool:
+    """Whether every epoch of both variants has probe time to divide by."""
+    probes = [e[PROBE] for e in run["phases"]] + [e[PROBE] for e in base["phases"]]
+    return bool(probes) and min(probes) > 0
 
 
 def phase_shares(run: dict, base: dict, key: str, phase: str) -> List[float]:
     """Per epoch pair, ``phase``'s time (``key``: ``"phases"`` or ``"parts"``) in this variant minus in sum, each
     over its epoch's :data:`PROBE` time, as a share of sum's epoch over the same: what the phase adds to the
     host-normalised ratio (:func:`host_normalized`)."""
-    if not host_normalized(run, base):
+    if not _probed(run, base):
         return []
     return [(ra[phase] / pa[PROBE] - rb[phase] / pb[PROBE]) / (b / pb[PROBE])
             for b, ra, rb, pa, pb in zip(base["cpu"], run[key], base[key], run["phases"], base["phases"])]
@@ -203,7 +208,7 @@ def _cpu_clock():
             self.times: List[float] = []
             self.phases: List[Dict[str, float]] = []
             self.parts: List[Dict[str, float]] = []
-            self._t0 = self._mark = None
+            self._t0 = self._mark = self._fwd = None
             self._phase = None
             self._handles = []
 
