@@ -133,6 +133,12 @@ def median_interval(values: List[float], confidence: float = 0.95) -> tuple:
     return float(ci.low), float(ci.high)
 
 
+def interval_text(values: List[float]) -> str:
+    """:func:`median_interval` as printed: ``"low-high"``, or why there is none."""
+    low, high = median_interval(values)
+    return f"{low:.3f}-{high:.3f}" if low == low else "n/a (< 6 epochs)"
+
+
 def host_normalized(run: dict, base: dict) -> List[float]:
     """Paired epoch ratios with the host's speed divided out: each epoch's CPU time over its own between-steps time
     (:data:`PROBE`: the loader and Lightning's logging, which no readout changes, spread over the whole epoch), this
@@ -649,24 +655,21 @@ def print_trainer_phases(name: str, times: dict, steps: int, args) -> None:
     """The epochs' CPU time by trainer phase (ms per train step, medians over the epochs), what each phase adds
     over sum's as a share of sum's epoch after dividing out the host's speed, and the host-normalised ratio."""
     labels = [v[0] for v in variants(args)]
-    others = [ro for ro in labels if not ro.startswith("sum")]
-
-    def base(ro):
-        return times["sum" + ro[ro.index("@"):] if "@" in ro else "sum"]
-
+    # each variant against the sum of its own package (the label's suffix: "" or "@baseline"), as in the epoch table
+    others = [(label, times["sum" + label[len(ro):]]) for label, ro, _ in variants(args) if ro != "sum"]
     rows = []
     for key, phase in [("phases", p) for p in TRAINER_PHASES] + [("parts", p) for p in READOUT_PARTS]:
         cells = [f"{median([e[phase] for e in times[ro][key]]) / steps * 1e3:.2f}" for ro in labels]
-        shares = [phase_shares(times[ro], base(ro), key, phase) for ro in others]
+        shares = [phase_shares(times[ro], base, key, phase) for ro, base in others]
         rows.append([phase if key == "phases" else f"  of which {phase}", *cells,
                      *(f"{median(v) * 100:+.1f} %" if v else "n/a" for v in shares)])
     total = [f"{median(times[ro]['cpu']) / steps * 1e3:.2f}" for ro in labels]
-    normed = [host_normalized(times[ro], base(ro)) for ro in others]
+    normed = [host_normalized(times[ro], base) for ro, base in others]
     rows.append(["= epoch", *total, *(f"{(median(v) - 1) * 100:+.1f} %" if v else "n/a" for v in normed)])
     print(f"\n### {name}: inside the trainer's epochs, phase by phase (CPU ms per train step, median over the "
           f"epochs; the last columns: what the phase adds over sum's, % of sum's epoch, each epoch divided by its "
           f"own between-steps time, which no readout changes)")
-    print(fmt_table(["phase", *labels, *(f"{ro} - sum" for ro in others)], rows))
+    print(fmt_table(["phase", *labels, *(f"{ro} - sum" for ro, _ in others)], rows))
     share = model_share(times["sum"])
     print(f"# sum's training steps (forward, backward, optimizer) are {share:.0%} of its epoch's CPU time "
           f"(median over {len(times['sum']['cpu'])} epochs); the rest is the loader, logging and validation")
@@ -717,8 +720,7 @@ def main(argv=None) -> int:
             # each epoch over the sum epoch of the same round and index (run seconds apart): robust to the
             # machine's speed drifting between rounds (a shared host), where the ratio of medians is not
             ratios = [a / b for a, b in zip(cpu, times["sum" + suffix]["cpu"])]
-            paired, (q1, q3), (lo, hi) = median(ratios), quartiles(ratios), median_interval(ratios)
-            ci = f"{lo:.3f}-{hi:.3f}" if lo == lo else "n/a (< 6 epochs)"
+            paired, (q1, q3), ci = median(ratios), quartiles(ratios), interval_text(ratios)
             rows.append([name, ro, f"{t:.2f}", f"{min(wall):.2f}", f"{max(wall):.2f}", len(wall),
                          f"{t / steps * 1e3:.1f}", f"{t / base['wall']:.3f}x", f"{c:.2f}",
                          f"{c / base['cpu']:.3f}x", f"{paired:.3f}x", f"{q1:.3f}-{q3:.3f}", ci])
@@ -726,9 +728,9 @@ def main(argv=None) -> int:
                 hn = host_normalized(times[ro], times["sum" + suffix])
                 host = ""
                 if hn:
-                    (h1, h3), (hlo, hhi) = quartiles(hn), median_interval(hn)
-                    hci = f"{hlo:.3f}-{hhi:.3f}" if hlo == hlo else "n/a (< 6 epochs)"
-                    host = f", host-normalised {median(hn):.3f}x, quartiles {h1:.3f}-{h3:.3f}, 95 % CI {hci}"
+                    (h1, h3) = quartiles(hn)
+                    host = (f", host-normalised {median(hn):.3f}x, quartiles {h1:.3f}-{h3:.3f}, "
+                            f"95 % CI {interval_text(hn)}")
                 summary.append(f"{name} {ro} {t / base['wall']:.3f}x (CPU time {c / base['cpu']:.3f}x, "
                                f"paired {paired:.3f}x, quartiles {q1:.3f}-{q3:.3f}, 95 % CI of the median {ci}{host})")
         if args.baseline:
