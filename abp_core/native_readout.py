@@ -46,8 +46,8 @@ accumulates one tensor instead of 31, and nothing is split into per-parameter vi
 """
 from __future__ import annotations
 
+import array
 import contextlib
-import ctypes
 from typing import List, Optional
 
 import torch
@@ -97,8 +97,8 @@ def parameters(readout, x: Tensor, path: str) -> Optional[List[Tensor]]:
             ps += [*_linear(mods["pma_lin"]), readout._parameters["seeds"]]
     if mods.get("output_lin") is not None:
         ps += _linear(mods["output_lin"])
-    for p in ps:
-        if p is None or p.dtype != torch.float32 or p.device.type != "cpu":
+    for p in ps:  # (p.is_cpu: p.device builds a device object, ~1 us per tensor at this call rate)
+        if p is None or p.dtype != torch.float32 or not p.is_cpu:
             return None
     return ps
 
@@ -181,6 +181,16 @@ def _relu_bias_backward(lib, threads: int, grad: Tensor, mask: Tensor):
 def _check(code: int, what: str) -> None:
     if code != 0:
         raise RuntimeError(f"native {what} failed (code {code})")
+
+
+def _int64s(values) -> array.array:
+    """C ``int64_t`` array of ``values`` (shapes, pointer tables) for a native call: pass ``_address(a)`` and keep
+    ``a`` alive through the call. (An ``array`` is built in ~3 us for 31 pointers, a ctypes array in ~7.)"""
+    return array.array("q", values)
+
+
+def _address(a: array.array) -> int:
+    return a.buffer_info()[0]
 
 
 def _forward(plan: _Plan, x: Tensor, ps: List[Tensor], saved: Optional[dict]) -> Tensor:
@@ -455,9 +465,8 @@ def _tail_forward(plan: _Plan, z: Tensor, ps: List[Tensor], i: int):
     for k in range(dec):
         for j in range(6):
             ptrs[_DECODERS + 6 * k + j] = ps[i + 9 + 6 * k + j].data_ptr()
-    dims = (ctypes.c_int64 * 7)(n, m, c, heads, dec, out_ch, plan.threads)
-    table = (ctypes.c_int64 * len(ptrs))(*ptrs)
-    _check(plan.lib.abp_pma_tail_forward(dims, table), "PMA tail forward")
+    dims, table = _int64s((n, m, c, heads, dec, out_ch, plan.threads)), _int64s(ptrs)
+    _check(plan.lib.abp_pma_tail_forward(_address(dims), _address(table)), "PMA tail forward")
     t["ptrs"], t["out_ch"] = ptrs, out_ch
     return t["out"], t
 
@@ -481,9 +490,9 @@ def _tail_backward(plan: _Plan, t: dict, grad: Tensor, ps: List[Tensor], grads: 
             g = torch.empty_like(ps[i + 9 + 6 * k + j])
             ptrs[_DECODERS + 6 * dec + 6 * k + j] = g.data_ptr()
             grads[i + 9 + 6 * k + j] = g
-    dims = (ctypes.c_int64 * 7)(gz.size(0), plan.starts.numel(), plan.c, plan.heads, dec, t["out_ch"], plan.threads)
-    table = (ctypes.c_int64 * len(ptrs))(*ptrs)
-    _check(plan.lib.abp_pma_tail_backward(dims, table), "PMA tail backward")
+    dims = _int64s((gz.size(0), plan.starts.numel(), plan.c, plan.heads, dec, t["out_ch"], plan.threads))
+    table = _int64s(ptrs)
+    _check(plan.lib.abp_pma_tail_backward(_address(dims), _address(table)), "PMA tail backward")
     return gz
 
 
@@ -510,31 +519,33 @@ class _WholePlan:
 
 def _whole_forward(plan: _WholePlan, x: Tensor, ps: List[Tensor]):
     """``(output, state for the backward)``: csrc's ``abp_readout_forward``, every intermediate in two
-    workspaces (floats, ReLU masks) laid out by the library."""
+    workspaces (floats, ReLU masks) laid out by the library. The state holds the parameter pointer table too."""
     lib, m = plan.lib, plan.starts.numel()
     if x.size(1) != (plan.in_ch or plan.c):
         raise ValueError(f"expected features with {plan.in_ch or plan.c} channels, got {tuple(x.shape)}")
-    dims = (ctypes.c_int64 * 9)(x.size(0), m, plan.c, plan.heads, plan.num_encoders, plan.num_decoders,
-                                plan.out_ch, plan.in_ch, plan.threads)
-    size = (ctypes.c_int64 * 2)()
-    lib.abp_readout_workspace(dims, size)
+    dims = _int64s((x.size(0), m, plan.c, plan.heads, plan.num_encoders, plan.num_decoders, plan.out_ch,
+                    plan.in_ch, plan.threads))
+    size = _int64s((0, 0))
+    lib.abp_readout_workspace(_address(dims), _address(size))
     ws, wb = x.new_empty(size[0]), torch.empty(size[1], dtype=torch.uint8)
     out = x.new_empty(m, plan.out_ch or plan.c)
-    table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
-    _check(lib.abp_readout_forward(dims, table, x.data_ptr(), plan.starts.data_ptr(), plan.sizes.data_ptr(),
-                                   ws.data_ptr(), wb.data_ptr(), out.data_ptr()), "readout forward")
-    return out, (dims, ws, wb)
+    table = _int64s([p.data_ptr() for p in ps])
+    _check(lib.abp_readout_forward(_address(dims), _address(table), x.data_ptr(), plan.starts.data_ptr(),
+                                   plan.sizes.data_ptr(), ws.data_ptr(), wb.data_ptr(), out.data_ptr()),
+           "readout forward")
+    return out, (dims, ws, wb, table)
 
 
-def _whole_backward(plan: _WholePlan, state, x: Tensor, out: Tensor, grad: Tensor, table, gtable,
+def _whole_backward(plan: _WholePlan, state, x: Tensor, out: Tensor, grad: Tensor, gtable: array.array,
                     need_gx: bool) -> Optional[Tensor]:
-    """csrc's ``abp_readout_backward``: the parameter gradients at ``gtable``'s addresses; returns dL/dx."""
-    dims, ws, wb = state
+    """csrc's ``abp_readout_backward``: the parameter gradients at ``gtable``'s addresses (:func:`_int64s`, in
+    the parameters' order); returns dL/dx."""
+    dims, ws, wb, table = state
     grad = grad.contiguous()
     gx = torch.empty_like(x) if need_gx else None
-    _check(plan.lib.abp_readout_backward(dims, table, gtable, x.data_ptr(), plan.starts.data_ptr(),
-                                         plan.sizes.data_ptr(), ws.data_ptr(), wb.data_ptr(), out.data_ptr(),
-                                         grad.data_ptr(), None if gx is None else gx.data_ptr()),
+    _check(plan.lib.abp_readout_backward(_address(dims), _address(table), _address(gtable), x.data_ptr(),
+                                         plan.starts.data_ptr(), plan.sizes.data_ptr(), ws.data_ptr(), wb.data_ptr(),
+                                         out.data_ptr(), grad.data_ptr(), None if gx is None else gx.data_ptr()),
            "readout backward")
     return gx
 
@@ -556,9 +567,8 @@ class _WholeReadout(torch.autograd.Function):
         # all parameter gradients in one allocation, each a contiguous view with its parameter's shape
         numels = [p.numel() for p in ps]
         grads = [g.view(p.shape) for g, p in zip(x.new_empty(sum(numels)).split(numels), ps)]
-        table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
-        gtable = (ctypes.c_int64 * len(ps))(*[g.data_ptr() for g in grads])
-        gx = _whole_backward(ctx.plan, ctx.state, x, out, grad, table, gtable, ctx.needs_input_grad[0])
+        gtable = _int64s([g.data_ptr() for g in grads])
+        gx = _whole_backward(ctx.plan, ctx.state, x, out, grad, gtable, ctx.needs_input_grad[0])
         ctx.state = None
         return (gx, None, *grads)
 
@@ -571,7 +581,7 @@ class _WholeReadoutBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: _WholePlan, block: Tensor, ps: List[Tensor]) -> Tensor:
         out, state = _whole_forward(plan, x, ps)
-        ctx.plan, ctx.state, ctx.pointers = plan, state, [p.data_ptr() for p in ps]
+        ctx.plan, ctx.state = plan, state
         ctx.save_for_backward(x, out, block)  # the block: autograd checks it is not modified before the backward
         return out
 
@@ -581,9 +591,8 @@ class _WholeReadoutBlock(torch.autograd.Function):
         x, out, block = ctx.saved_tensors
         gblock = torch.empty_like(block)
         shift = gblock.data_ptr() - block.data_ptr()  # each gradient at its parameter's offset in the block
-        table = (ctypes.c_int64 * len(ctx.pointers))(*ctx.pointers)
-        gtable = (ctypes.c_int64 * len(ctx.pointers))(*[ptr + shift for ptr in ctx.pointers])
-        gx = _whole_backward(ctx.plan, ctx.state, x, out, grad, table, gtable, ctx.needs_input_grad[0])
+        gtable = _int64s([ptr + shift for ptr in ctx.state[3]])  # the forward's parameter pointers
+        gx = _whole_backward(ctx.plan, ctx.state, x, out, grad, gtable, ctx.needs_input_grad[0])
         ctx.state = None
         return gx, None, gblock, None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class Readout(Aggregation):
         self.in_channels = in_channels
         self.out_channels = out_channels if out_channels is not None else in_channels
 
-    def _check(self, x: Tensor, index: Optional[Tensor], dim_size: Optional[int]) -> Tuple[Tensor, int]:
+    def _check_features(self, x: Tensor) -> None:
         if x.dim() != 2:
             raise ValueError(f"{type(self).__name__} expects per-atom features of shape "
                              f"[num_atoms, {self.in_channels}], got {tuple(x.shape)}")
@@ -70,6 +70,9 @@ class Readout(Aggregation):
         if x.size(1) != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects feature width {self.in_channels}, "
                              f"got {x.size(1)}")
+
+    def _check(self, x: Tensor, index: Optional[Tensor], dim_size: Optional[int]) -> Tuple[Tensor, int]:
+        self._check_features(x)
         if index is None:
             index = x.new_zeros(x.size(0), dtype=torch.long)
         check_batch_vector(index, x.size(0))
@@ -1230,9 +1233,29 @@ class AttentionPooling(Readout):
         :func:`abp_core.native_readout.use_parameter_block` (``abp_core.train.FlatParameters`` sets it)."""
         return native_readout.use_parameter_block(self, block)
 
-    def pool(self, x, batch, dim_size):
+    def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
+                dim_size: Optional[int] = None, dim: int = -2,
+                max_num_elements: Optional[int] = None) -> Tensor:
+        # A training step's call (a batch vector and the number of molecules given) on the native whole-readout
+        # path: the batch vector is checked by the molecule table's own pass (sorted, ids in [0, dim_size)), so
+        # the base class's checks, a few PyTorch calls and a host read (~50 us per call), are not repeated.
+        if (dim_size is not None and index is not None and dim in (0, -2) and index.dtype == torch.int64
+                and index.dim() == 1):
+            self._check_features(x)
+            if index.numel() != x.size(0):
+                check_batch_vector(index, x.size(0))  # raises with the message of every readout
+            params = self._native_parameters(x)
+            if params is not None:
+                return native_readout.attention_pooling(self, x, index, dim_size, params)
+        return super().forward(x, index, ptr, dim_size, dim, max_num_elements)
+
+    def _native_parameters(self, x: Tensor) -> Optional[List[Tensor]]:
+        """The parameters if the whole readout runs as one native node for features ``x``, else ``None``."""
         path = set_attention_path(x, self.hidden_channels, self.heads, self.pma._dropout())
-        params = native_readout.parameters(self, x, path)
+        return native_readout.parameters(self, x, path)
+
+    def pool(self, x, batch, dim_size):
+        params = self._native_parameters(x)
         if params is not None:  # the whole readout as one autograd node (exact; see abp_core.native_readout)
             return native_readout.attention_pooling(self, x, batch, dim_size, params)
         keys, layout = self._encode_sorted(x, batch, dim_size)

@@ -319,8 +319,9 @@ class FlatParameters:
                 if grads[i] is not None:  # this step also reached the parameter itself (its module path)
                     self._grad_views[i].add_(grads[i])
         self.flat.grad = self._grad
-        for p in self.params:
-            p.grad = None
+        for p, g in zip(self.params, grads):
+            if g is not None:  # (a block's parameters have none: setting each would cost ~0.5 us a tensor)
+                p.grad = None
 
     def release(self) -> None:
         """Give every parameter its own storage again (after training: an ordinary module for the user)."""

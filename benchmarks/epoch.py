@@ -564,8 +564,6 @@ def native_split(task, batches, device, repeats: int = 5):
     ``abp_readout_backward``, on arguments prepared beforehand). ``module``: the module call and autograd's
     backward (``readout(x, batch).backward(g)``), which adds the Python, ctypes and autograd work around the same
     calls. ``None`` unless the readout runs as one native call each way here (CPU, float32, q|k|v kept)."""
-    import ctypes
-
     from abp_core import kernels, native_readout
     from abp_core.allocator import freed_memory_kept
     from abp_core.readouts import set_attention_path
@@ -582,15 +580,17 @@ def native_split(task, batches, device, repeats: int = 5):
             return None
         starts, sizes, _ = kernels.batch_table(b.batch.long(), b.num_graphs)
         plan = native_readout._WholePlan(lib, readout, starts, sizes)
-        out, (dims, ws, wb) = native_readout._whole_forward(plan, x.detach(), ps)
+        out, (dims, ws, wb, table) = native_readout._whole_forward(plan, x.detach(), ps)
         grads = [torch.empty_like(p) for p in ps]
-        table = (ctypes.c_int64 * len(ps))(*[p.data_ptr() for p in ps])
-        gtable = (ctypes.c_int64 * len(ps))(*[g.data_ptr() for g in grads])
+        gtable = native_readout._int64s([g.data_ptr() for g in grads])
+        # the pointer arrays' addresses, taken beforehand (the arrays stay alive in `keep`)
+        keep = (dims, table, gtable)
+        dims, table, gtable = (native_readout._address(a) for a in keep)
         cases.append((x, b.batch, b.num_graphs, dims, table, gtable, starts, sizes, ws, wb, out, torch.ones_like(out),
-                      torch.empty_like(x), grads))
+                      torch.empty_like(x), grads, keep))
 
     def native():
-        for x, _, _, dims, table, gtable, starts, sizes, ws, wb, out, g, gx, _ in cases:
+        for x, _, _, dims, table, gtable, starts, sizes, ws, wb, out, g, gx, _, _ in cases:
             lib.abp_readout_forward(dims, table, x.data_ptr(), starts.data_ptr(), sizes.data_ptr(), ws.data_ptr(),
                                     wb.data_ptr(), out.data_ptr())
             lib.abp_readout_backward(dims, table, gtable, x.data_ptr(), starts.data_ptr(), sizes.data_ptr(),
@@ -599,7 +599,7 @@ def native_split(task, batches, device, repeats: int = 5):
     block = readout.__dict__.get("_parameter_block", (None,))[0]  # the trainer's flat layout, when it set one
 
     def module():
-        for x, vec, m, *_, g, _, _ in cases:
+        for x, vec, m, *_, g, _, _, _ in cases:
             x.grad = None
             if block is not None:  # as after a training step's gather_grads: the gradient is taken, not added to
                 block.grad = None

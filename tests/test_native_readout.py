@@ -368,3 +368,27 @@ def test_gradients_are_bitwise_the_same_from_run_to_run_on_two_threads():
                     assert all(torch.equal(a, b) for a, b in zip(first, again))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_training_call_checks_the_batch_vector():
+    """A training step's call (batch vector and dim_size given) skips the base class's checks on this path: the
+    molecule table's native pass checks the vector instead, with the same kind of error."""
+    r = AttentionPooling(32, heads=2)
+    x = torch.randn(5, 32)
+    assert type(r(x.requires_grad_(), _batch([3, 2]), dim_size=2).grad_fn).__name__ == "_WholeReadoutBackward"
+    with pytest.raises(ValueError, match="sorted"):
+        r(x, torch.tensor([0, 1, 0, 1, 1]), dim_size=2)
+    with pytest.raises(ValueError, match="outside"):  # an id beyond dim_size
+        r(x, _batch([3, 2]), dim_size=1)
+    with pytest.raises(ValueError, match="outside"):
+        r(x, torch.tensor([-1, 0, 0, 1, 1]), dim_size=2)
+    with pytest.raises(ValueError, match="one entry per atom"):
+        r(x, _batch([3, 3]), dim_size=2)
+    with pytest.raises(ValueError, match="width"):
+        r(x[:, :5], _batch([3, 2]), dim_size=2)
+    with pytest.raises(ValueError, match="empty"):
+        r(x[:0], _batch([3, 2])[:0], dim_size=2)
+    # an int32 vector, or no dim_size, takes the base class's checks: the same results
+    out = r(x, _batch([3, 2]), dim_size=2)
+    torch.testing.assert_close(r(x, _batch([3, 2]).int(), dim_size=2), out, rtol=0, atol=0)
+    torch.testing.assert_close(r(x, _batch([3, 2])), out, rtol=0, atol=0)
