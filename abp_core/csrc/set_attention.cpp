@@ -623,19 +623,24 @@ void backward_task(const Problem& P, int64_t m, Scratch& S) {
     scatter<D>(S.dv.data(), n, H, g + 2 * C, ld, cs ? cs + 2 * C : nullptr);
 }
 
-// Molecule m's rows of q|k|v, dO and dq|dk|dv, requested into the cache ahead of its backward task. In the backward they were
+// Molecule m's rows of q|k|v, dO and dq|dk|dv, requested into the cache ahead of its backward task. They were
 // written long before (the forward) and have left the core's L2, and each head's pass reads one 64-byte line per row
 // at a stride of 3C floats: those loads were ~18 % of the small-molecule backward's time (perf, quickstart sizes).
-inline void prefetch_molecule(const Problem& P, int64_t m) {
-    const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels;
-    const char* qkv = reinterpret_cast<const char*>(P.qkv + r0 * 3 * C);
-    for (int64_t o = 0, end = n * 3 * C * 4; o < end; o += 64) __builtin_prefetch(qkv + o, 0, 2);
-    const char* go = reinterpret_cast<const char*>(P.dout + r0 * C);
-    for (int64_t o = 0, end = n * C * 4; o < end; o += 64) __builtin_prefetch(go + o, 0, 2);
-    if (P.grad != P.qkv) {  // the gradient rows it writes (with intent to write: no read-for-ownership stall)
-        const char* g = reinterpret_cast<const char*>(P.grad + r0 * 3 * C);
-        for (int64_t o = 0, end = n * 3 * C * 4; o < end; o += 64) __builtin_prefetch(g + o, 1, 2);
+// (The same in the forward, where the q|k|v matmul has just written the rows, made large molecules' forward ~12 %
+// slower: benchmarks/attention.py --baseline.)
+inline void prefetch_lines(const float* p, int64_t floats, bool write) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t o = 0, end = floats * 4; o < end; o += 64) {
+        if (write) __builtin_prefetch(c + o, 1, 2);  // intent to write: no read-for-ownership stall
+        else __builtin_prefetch(c + o, 0, 2);
     }
+}
+
+inline void prefetch_backward(const Problem& P, int64_t m) {
+    const int64_t n = P.sizes[m], r0 = P.starts[m], C = P.channels;
+    prefetch_lines(P.qkv + r0 * 3 * C, n * 3 * C, false);
+    prefetch_lines(P.dout + r0 * C, n * C, false);
+    if (P.grad != P.qkv) prefetch_lines(P.grad + r0 * 3 * C, n * 3 * C, true);
 }
 
 template <void (*Task)(const Problem&, int64_t, Scratch&)>
@@ -660,7 +665,7 @@ void run(const Problem& P, int threads) {
         static thread_local Scratch S;
         for (int64_t t; (t = next.fetch_add(1)) < total;) {
             const int64_t m = order[t];
-            if (P.dout && t + 1 < total) prefetch_molecule(P, order[t + 1]);  // the backward: the next one's rows
+            if (P.dout && t + 1 < total) prefetch_backward(P, order[t + 1]);  // the next one's, while this one runs
             if (rows) {
                 S.colsum = rows + m * cols;
                 std::fill(S.colsum, S.colsum + cols, 0.0f);
