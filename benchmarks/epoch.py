@@ -32,6 +32,10 @@ shared host whose speed drifts by 20-30 % between runs seconds apart, that ratio
 narrower than the plain paired ratio's, and it is the figure the goals are judged by. The table beside it gives
 what each phase adds over sum's, as a share of sum's epoch.
 
+``--precision`` sets the trainer's precision for the epochs (default ``32-true``; e.g. ``bf16-mixed``, which
+Lightning runs under autocast). The step profile and its floors time float32 steps, so they run only at
+``32-true``.
+
 ``--baseline DIR`` adds sum and ABP with an older copy of the package (``DIR/abp_core``, imported as
 ``abp_core_baseline``) to the same interleaved rounds: the before/after comparison of a change, side by side.
 
@@ -71,6 +75,7 @@ import torch  # noqa: E402
 
 from _common import (BASELINE, add_device_argument, fmt_table, load_baseline, machine_line, median,  # noqa: E402
                      resolve_device, synchronize)
+from abp_core.config import PRECISIONS  # noqa: E402
 
 READOUTS = ("sum", "wa", "abp")
 HOMO = "homo"
@@ -98,7 +103,7 @@ def variants(args) -> List[tuple]:
 
 
 def make_config(spec: dict, readout: str, max_epochs: int, output_dir: str, device: torch.device,
-                package: str = "abp_core"):
+                package: str = "abp_core", precision: str = "32-true"):
     import importlib
 
     Config = importlib.import_module(f"{package}.config").Config
@@ -111,7 +116,7 @@ def make_config(spec: dict, readout: str, max_epochs: int, output_dir: str, devi
                   "readout_hparams": {"abp": spec["abp"]}},
         "trainer": {"max_epochs": max_epochs, "batch_size": spec["batch"], "lr": 5e-4, "seed": 0, "patience": None,
                     "output_dir": output_dir, "progress_bar": False, "num_workers": 0,
-                    "accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1},
+                    "accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1, "precision": precision},
     })
 
 
@@ -300,7 +305,8 @@ def epoch_times(spec: dict, dataset, args, device) -> Dict[str, Dict[str, List[f
                 out = root / f"{label}-{rnd}"
                 clock = _cpu_clock()
                 run_training = importlib.import_module(f"{package}.train").run_training
-                res = run_training(make_config(spec, ro, args.epochs_per_run, str(out), device, package),
+                res = run_training(make_config(spec, ro, args.epochs_per_run, str(out), device, package,
+                                               args.precision),
                                    dataset=dataset, callbacks=[clock])
                 with open(Path(res.run_dir) / "history.csv") as f:
                     rows = list(csv.DictReader(f))
@@ -686,6 +692,9 @@ def main(argv=None) -> int:
                     help="QM9 molecules (fixed random subset) of the paper-like configuration (default 4000)")
     ap.add_argument("--profile-batches", type=int, default=None, help="training steps profiled (default 20)")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--precision", default="32-true", choices=PRECISIONS,
+                    help="the trainer's precision for the epochs (default 32-true); the step profile and its floors "
+                         "time float32 steps, so with any other precision they are skipped")
     ap.add_argument("--baseline", metavar="DIR",
                     help="also time sum and ABP with an older copy of the package in DIR/abp_core (e.g. "
                          "`git archive <rev> abp_core | tar -x -C DIR`), interleaved with the current one")
@@ -700,6 +709,8 @@ def main(argv=None) -> int:
     if args.rounds == 1 and args.epochs_per_run < 2:
         ap.error("one round needs at least 2 epochs per run (the first epoch is a warm-up)")
     profile_batches = args.profile_batches or (3 if args.quick else 20)
+    if args.precision != "32-true":
+        args.no_profile = True
     if args.baseline:
         load_baseline(args.baseline)
     torch.set_num_threads(args.threads)
@@ -742,7 +753,8 @@ def main(argv=None) -> int:
         mols = spec["first"] or spec["subset"]
         print(f"\n## {name}: QM9 {'first' if spec['first'] else 'random subset of'} {mols} molecules (80/10/10), "
               f"SchNet {spec['hidden']}/{spec['hidden']}/{spec['interactions']}, cutoff {spec['cutoff']:g} A, "
-              f"batch {spec['batch']}, ABP {spec['abp'] or 'defaults'}; {steps} train steps per epoch; "
+              f"batch {spec['batch']}, ABP {spec['abp'] or 'defaults'}, precision {args.precision}; {steps} train steps "
+              f"per epoch; "
               f"{args.rounds} round(s) x {args.epochs_per_run} epochs ({time.perf_counter() - t0:.0f} s)")
         print(fmt_table(["config", "readout", "median epoch s", "min s", "max s", "epochs", "ms / train step",
                          "vs sum", "median CPU s", "CPU vs sum", "CPU vs sum, paired", "paired: quartiles",

@@ -217,3 +217,29 @@ def test_epoch_median_interval_is_the_order_statistics_interval(bench):
     assert low != low and high != high  # nan: five values cannot bound the median at 95 %
     tight, wide = epoch.median_interval([1.05] * 6 + [1.06] * 6), epoch.median_interval(values)
     assert tight[1] - tight[0] < wide[1] - wide[0]
+
+
+def test_epoch_benchmark_trains_at_the_precision_asked(bench, capsys, monkeypatch):
+    """--precision reaches the trainer of every run; the step profile (float32 steps) is skipped under it."""
+    epoch = bench("epoch")
+    train = importlib.import_module("abp_core.train")
+    seen = []
+    real = train.run_training
+
+    def recording(cfg, **kwargs):
+        seen.append(cfg.trainer.precision)
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(train, "run_training", recording)
+    threads = torch.get_num_threads()
+    try:
+        assert epoch.main(["--quick", "--threads", "1", "--device", "cpu", "--readouts", "sum", "abp",
+                           "--precision", "bf16-mixed"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert seen == ["bf16-mixed", "bf16-mixed"]  # one round: sum, then ABP
+    assert "precision bf16-mixed;" in out and out.rstrip().splitlines()[-1].startswith("SUMMARY epoch: quick abp ")
+    assert "phase by phase (ms of" not in out and "matmuls alone" not in out
+    with pytest.raises(SystemExit):
+        epoch.main(["--quick", "--precision", "fp8"])
