@@ -716,6 +716,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print("# One training epoch (train + validation) with abp_core.train.run_training: sum vs WA vs ABP")
     print(f"# {machine_line(args.threads, device)}")
+    if args.precision != "32-true":
+        print(f"# trainer precision {args.precision}: the step profile and its floors (float32 steps) are skipped")
     cache: dict = {}
     summary = []
     for name, spec in configs(args).items():

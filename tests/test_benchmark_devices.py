@@ -241,5 +241,6 @@ def test_epoch_benchmark_trains_at_the_precision_asked(bench, capsys, monkeypatc
     assert seen == ["bf16-mixed", "bf16-mixed"]  # one round: sum, then ABP
     assert "precision bf16-mixed;" in out and out.rstrip().splitlines()[-1].startswith("SUMMARY epoch: quick abp ")
     assert "phase by phase (ms of" not in out and "matmuls alone" not in out
+    assert "# trainer precision bf16-mixed: the step profile and its floors (float32 steps) are skipped" in out
     with pytest.raises(SystemExit):
         epoch.main(["--quick", "--precision", "fp8"])
