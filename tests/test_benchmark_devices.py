@@ -162,7 +162,8 @@ def test_epoch_rounds_alternate_the_order_and_pair_epochs_within_a_round(bench, 
         return types.SimpleNamespace(run_dir=run_dir)
 
     monkeypatch.setattr("abp_core.train.run_training", fake_run_training)
-    args = argparse.Namespace(quick=True, rounds=4, readouts=["sum", "abp"], baseline=None, epochs_per_run=2)
+    args = argparse.Namespace(quick=True, rounds=4, readouts=["sum", "abp"], baseline=None, epochs_per_run=2,
+                              precision="32-true")
     spec = epoch.configs(args)["quick"]
     times, steps = epoch.epoch_times(spec, None, args, torch.device("cpu"))
     assert order == ["sum", "abp", "abp", "sum", "sum", "abp", "abp", "sum"]
