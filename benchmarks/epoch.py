@@ -709,14 +709,13 @@ def main(argv=None) -> int:
     if args.rounds == 1 and args.epochs_per_run < 2:
         ap.error("one round needs at least 2 epochs per run (the first epoch is a warm-up)")
     profile_batches = args.profile_batches or (3 if args.quick else 20)
-    if args.precision != "32-true":
-        args.no_profile = True
     if args.baseline:
         load_baseline(args.baseline)
     torch.set_num_threads(args.threads)
     print("# One training epoch (train + validation) with abp_core.train.run_training: sum vs WA vs ABP")
     print(f"# {machine_line(args.threads, device)}")
     if args.precision != "32-true":
+        args.no_profile = True
         print(f"# trainer precision {args.precision}: the step profile and its floors (float32 steps) are skipped")
     cache: dict = {}
     summary = []
@@ -755,9 +754,9 @@ def main(argv=None) -> int:
         mols = spec["first"] or spec["subset"]
         print(f"\n## {name}: QM9 {'first' if spec['first'] else 'random subset of'} {mols} molecules (80/10/10), "
               f"SchNet {spec['hidden']}/{spec['hidden']}/{spec['interactions']}, cutoff {spec['cutoff']:g} A, "
-              f"batch {spec['batch']}, ABP {spec['abp'] or 'defaults'}, precision {args.precision}; {steps} train steps "
-              f"per epoch; "
-              f"{args.rounds} round(s) x {args.epochs_per_run} epochs ({time.perf_counter() - t0:.0f} s)")
+              f"batch {spec['batch']}, ABP {spec['abp'] or 'defaults'}, precision {args.precision}; "
+              f"{steps} train steps per epoch; {args.rounds} round(s) x {args.epochs_per_run} epochs "
+              f"({time.perf_counter() - t0:.0f} s)")
         print(fmt_table(["config", "readout", "median epoch s", "min s", "max s", "epochs", "ms / train step",
                          "vs sum", "median CPU s", "CPU vs sum", "CPU vs sum, paired", "paired: quartiles",
                          "paired: 95 % CI of median"], rows))
